@@ -1,0 +1,1 @@
+"""Training engine: distributed setup, optimiser/schedule, checkpoints, evaluation and the train loop."""

@@ -1,0 +1,59 @@
+"""Atomic checkpoints in the run folder and the full training state needed for an exact resume."""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+_ITER_RE = re.compile(r"iter_(\d+)\.pth$")
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file then rename, so a killed job never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint with the highest iteration in `ckpt_dir`, or None."""
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("iter_*.pth") if (m := _ITER_RE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def load_state(path: Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def model_weights(state: dict, path: Path) -> dict:
+    """The model state dict inside one of our checkpoints (full training state or weights only)."""
+    for key in ("model", "state_dict"):
+        if key in state:
+            return state[key]
+    if all(isinstance(v, torch.Tensor) for v in state.values()):
+        return state
+    raise ValueError(f"{path}: no 'model' or 'state_dict' entry and not a plain state dict")

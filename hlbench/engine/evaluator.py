@@ -1,0 +1,110 @@
+"""Evaluation with a recipe's test protocol: confusion-matrix metrics, HL-map AUROC and HL-map snapshots."""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from ..data import normalize_batch
+from ..hardness import hardness_map
+from ..losses import pixel_cross_entropy, resize_to
+from ..metrics import ConfusionMatrix, binary_auroc
+
+# Pixels per image scored for the AUROC: enough for a stable estimate, cheap to gather across ranks.
+_AUROC_PIXELS_PER_IMAGE = 4096
+
+
+def protocol_of(eval_cfg) -> dict:
+    """The parts of the eval config that define the numbers, recorded next to every result."""
+    proto = {"mode": eval_cfg.mode}
+    if eval_cfg.mode == "slide":
+        proto.update(crop=list(eval_cfg.crop), stride=list(eval_cfg.stride))
+    return proto
+
+
+def _stack_by_shape(items: list[dict]) -> list[dict]:
+    """Group val items into batches of equal image and label size (sizes vary on e.g. ADE20K)."""
+    groups: dict[tuple, list[dict]] = {}
+    for it in items:
+        groups.setdefault((tuple(it["img"].shape), tuple(it["label"].shape)), []).append(it)
+    return [{k: torch.stack([torch.as_tensor(g[k]) for g in grp]) for k in ("img", "label", "hard", "index")}
+            for grp in groups.values()]
+
+
+def _autocast(device: torch.device, amp: bool):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_names: list[str],
+             *, amp: bool = False, num_panel: int = 0, hl_offset: float = 0.1) -> dict:
+    """Evaluate `model` (unwrapped Segmentor) on `dataset` with the recipe's protocol.
+
+    Returns {"metrics": mmseg-style dict, "hl_auroc": float|None, "panel": dict of the first images or None}.
+    Under DDP every rank scores its shard; the confusion matrix and AUROC samples are reduced over ranks.
+    """
+    was_training = model.training
+    model.eval()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    shard = Subset(dataset, list(range(rank, len(dataset), world)))
+    loader = DataLoader(shard, batch_size=eval_cfg.batch_size, collate_fn=list, num_workers=0)
+    cm = ConfusionMatrix(len(class_names), data_cfg.ignore_index, device=device)
+    has_hl = getattr(model, "hl_head", None) is not None
+    score_hl = has_hl and eval_cfg.hl_auroc
+    scores, targets, panel = [], [], None
+    for items in loader:
+        for batch in _stack_by_shape(items):
+            img = normalize_batch(batch["img"].to(device), data_cfg.mean, data_cfg.std)
+            label = batch["label"].to(device)
+            with _autocast(device, amp):
+                logits = model.predict(img, mode=eval_cfg.mode, crop=eval_cfg.crop, stride=eval_cfg.stride,
+                                       window_batch=eval_cfg.window_batch)
+            logits = resize_to(logits.float(), label.shape[-2:], model.align_corners)
+            pred = logits.argmax(1)
+            cm.update(pred, label)
+            hl = None
+            if has_hl and (score_hl or (panel is None and num_panel)):
+                with _autocast(device, amp):
+                    hl = hardness_map(resize_to(model.predict_hl(img).float(), label.shape[-2:],
+                                                model.align_corners), hl_offset)
+            if score_hl and batch["hard"].numel():
+                _sample_auroc_pixels(hl, batch["hard"].to(device), label, batch["index"], data_cfg.ignore_index,
+                                     scores, targets)
+            if panel is None and num_panel and rank == 0:
+                k = min(num_panel, img.shape[0])
+                panel = {"images": batch["img"][:k], "labels": label[:k].cpu(), "preds": pred[:k].cpu(),
+                         "hl": hl[:k].cpu() if hl is not None else None, "hard": batch["hard"][:k],
+                         "loss": pixel_cross_entropy(logits[:k], label[:k], data_cfg.ignore_index).cpu()}
+    cm.all_reduce()
+    metrics = cm.compute(class_names)
+    auroc = _reduce_auroc(scores, targets) if score_hl else None
+    model.train(was_training)
+    return {"metrics": metrics, "hl_auroc": auroc, "panel": panel}
+
+
+def _sample_auroc_pixels(hl, hard, label, index, ignore_index, scores, targets) -> None:
+    """A fixed random subset of labelled pixels per image (seeded by the image index, so reproducible)."""
+    for i in range(hl.shape[0]):
+        valid = (label[i] != ignore_index).flatten().nonzero().squeeze(1)
+        if valid.numel() == 0:
+            continue
+        g = torch.Generator().manual_seed(int(index[i]))
+        pick = valid[torch.randperm(valid.numel(), generator=g)[:_AUROC_PIXELS_PER_IMAGE].to(valid.device)]
+        scores.append(hl[i].flatten()[pick].cpu())
+        targets.append((hard[i].flatten()[pick] > 0).cpu())
+
+
+def _reduce_auroc(scores, targets) -> float | None:
+    local = (torch.cat(scores), torch.cat(targets)) if scores else (torch.empty(0), torch.empty(0, dtype=torch.bool))
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        local = (torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]))
+    if local[0].numel() == 0:
+        return None
+    value = binary_auroc(*local)
+    return None if math.isnan(value) else value

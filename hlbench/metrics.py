@@ -1,0 +1,77 @@
+"""Evaluation metrics: confusion-matrix IoU (mmseg `eval_metrics` semantics) and AUROC for HL maps."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+class ConfusionMatrix:
+    """Accumulates a num_classes x num_classes confusion matrix (rows = ground truth), DDP-aware."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, device=None):
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
+        valid = label != self.ignore_index
+        if ((label[valid] < 0) | (label[valid] >= self.num_classes)).any():
+            bad = label[valid & ((label < 0) | (label >= self.num_classes))][0].item()
+            raise ValueError(f"label value {bad} outside 0..{self.num_classes - 1} (and not ignore "
+                             f"{self.ignore_index}): are the labels mapped to train ids?")
+        k = self.num_classes
+        idx = label[valid].to(torch.int64) * k + pred[valid].to(torch.int64)
+        self.mat += torch.bincount(idx, minlength=k * k).view(k, k).to(self.mat.device)
+
+    def all_reduce(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.mat)
+
+    def compute(self, class_names: list[str] | None = None) -> dict:
+        """mmseg-style metrics as fractions: aAcc, mIoU, mAcc, IoU.<class>, Acc.<class>.
+
+        Classes absent from both ground truth and prediction give NaN IoU and are skipped by mIoU, as in mmseg.
+        """
+        mat = self.mat.double().cpu()
+        inter = mat.diag()
+        gt_area, pred_area = mat.sum(1), mat.sum(0)
+        union = gt_area + pred_area - inter
+        iou = inter / union          # 0/0 -> NaN for classes never seen
+        acc = inter / gt_area
+        names = class_names or [str(i) for i in range(self.num_classes)]
+        out = {"aAcc": (inter.sum() / gt_area.sum().clamp_min(1)).item(),
+               "mIoU": _nanmean(iou), "mAcc": _nanmean(acc)}
+        out.update({f"IoU.{n}": iou[i].item() for i, n in enumerate(names)})
+        out.update({f"Acc.{n}": acc[i].item() for i, n in enumerate(names)})
+        return out
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    keep = ~torch.isnan(x)
+    return x[keep].mean().item() if keep.any() else math.nan
+
+
+def binary_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Area under the ROC curve of `scores` ranking positives (targets true) above negatives.
+
+    Mann–Whitney U with average ranks for ties, so a constant score gives exactly 0.5.
+    """
+    scores = scores.flatten().double()
+    targets = targets.flatten().bool()
+    n_pos = int(targets.sum())
+    n_neg = targets.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    order = torch.argsort(scores)
+    sorted_scores = scores[order]
+    ranks = torch.empty_like(scores)
+    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
+    # Average the ranks within runs of tied scores.
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg = ends - (counts.double() - 1) / 2
+    ranks[order] = avg[inverse]
+    u = ranks[targets].sum() - n_pos * (n_pos + 1) / 2
+    return (u / (n_pos * n_neg)).item()

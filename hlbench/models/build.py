@@ -1,0 +1,82 @@
+"""build_model: a Segmentor from the `model` config group (hlbench/conf/model/*.yaml)."""
+
+import inspect
+
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from hlbench.models.heads import ASPPHead, DepthwiseSeparableASPPHead, FCNHead, PSPHead
+from hlbench.models.pretrained import load_pretrained
+from hlbench.models.resnet import ResNetV1c, TorchvisionResNet
+from hlbench.models.segmentor import Segmentor
+
+BACKBONES = {"resnet_v1c": ResNetV1c, "torchvision_resnet": TorchvisionResNet}
+HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead}
+
+
+def _lookup(table, cfg, section):
+    if "type" not in cfg:
+        raise KeyError(f"model.{section}.type is required; one of {sorted(table)}")
+    if cfg["type"] not in table:
+        raise ValueError(f"unknown model.{section}.type {cfg['type']!r}; valid: {sorted(table)}")
+    return table[cfg["type"]]
+
+
+def _init_parameters(cls):
+    """Constructor argument names of cls and of the hlbench base classes it forwards **kwargs to."""
+    names = set()
+    for c in cls.__mro__[:cls.__mro__.index(nn.Module)]:
+        names |= set(inspect.signature(c.__init__).parameters)
+    return names - {"self", "args", "kwargs"}
+
+
+def _construct(cls, section, options, **derived):
+    """cls(**options, **derived) with a clear error naming config keys that cls does not take."""
+    accepted = _init_parameters(cls) - set(derived)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"model.{section}: {cls.__name__} does not take {unknown}; accepted: {sorted(accepted)}")
+    return cls(**options, **derived)
+
+
+def _build_head(cfg, stage_channels, num_classes, align_corners, section="head"):
+    cls = _lookup(HEADS, cfg, section)
+    options = {k: v for k, v in cfg.items() if k != "type"}
+    derived = {"in_channels": stage_channels[options.get("in_index", -1)], "num_classes": num_classes,
+               "align_corners": align_corners}
+    if cls is DepthwiseSeparableASPPHead:
+        derived["c1_in_channels"] = stage_channels[options.get("c1_in_index", 0)]
+    return _construct(cls, section, options, **derived)
+
+
+def build_model(model_cfg, num_classes, hl, detach_hl_features=True):
+    """Segmentor from a model config; hl=True adds the HL head, a fresh copy of the decode head with one output.
+
+    Args:
+        model_cfg: dict/DictConfig with backbone, head, aux and align_corners (see hlbench/conf/model/).
+    """
+    cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    for key in ("backbone", "head"):
+        if key not in cfg:
+            raise KeyError(f"model.{key} is required")
+    align_corners = cfg.get("align_corners", False)
+
+    backbone_cfg = dict(cfg["backbone"])
+    pretrained = backbone_cfg.pop("pretrained", None)
+    backbone_cls = _lookup(BACKBONES, backbone_cfg, "backbone")
+    backbone = _construct(backbone_cls, "backbone", {k: v for k, v in backbone_cfg.items() if k != "type"})
+    if pretrained:
+        load_pretrained(backbone, pretrained)
+    channels = backbone.out_channels
+
+    decode_head = _build_head(cfg["head"], channels, num_classes, align_corners)
+    aux_cfg = dict(cfg.get("aux") or {})
+    auxiliary_head = None
+    if aux_cfg.pop("enabled", bool(aux_cfg)):
+        aux_cfg.pop("weight", None)  # the loss weight is read by the training step, not the model
+        aux_cfg = {"type": "fcn", "concat_input": False, **aux_cfg}
+        auxiliary_head = _build_head(aux_cfg, channels, num_classes, align_corners, section="aux")
+    # As the authors' hl_encoder_decoder.py: the HL branch copies the decode-head config with num_classes=1;
+    # the aux head is not copied.
+    hl_head = _build_head(cfg["head"], channels, 1, align_corners) if hl else None
+    return Segmentor(backbone, decode_head, auxiliary_head, hl_head, align_corners, detach_hl_features)

@@ -1,0 +1,139 @@
+"""Decode heads (FCN, PSP, ASPP, DeepLabV3+) with mmseg's attribute and state-dict key names."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def resize(x, size, align_corners):
+    """Bilinear resize to `size` (H, W); a no-op when the size already matches."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+class ConvBNReLU(nn.Module):
+    """mmseg ConvModule with BN + ReLU: keys `conv.weight`, `bn.*` (the conv has no bias)."""
+
+    def __init__(self, cin, cout, kernel_size=1, dilation=1, groups=1):
+        super().__init__()
+        padding = dilation * (kernel_size // 2)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, dilation=dilation, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule default
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+class SeparableConvBNReLU(nn.Module):
+    """mmseg DepthwiseSeparableConvModule: `depthwise_conv` (3×3, groups=cin) then `pointwise_conv` (1×1)."""
+
+    def __init__(self, cin, cout, kernel_size=3, dilation=1):
+        super().__init__()
+        self.depthwise_conv = ConvBNReLU(cin, cin, kernel_size, dilation, groups=cin)
+        self.pointwise_conv = ConvBNReLU(cin, cout, 1)
+
+    def forward(self, x):
+        return self.pointwise_conv(self.depthwise_conv(x))
+
+
+class DecodeHead(nn.Module):
+    """Shared tail of every head: Dropout2d then the 1×1 classifier `conv_seg`.
+
+    Args:
+        in_index: which backbone stage (index into the feature tuple) the head reads.
+    """
+
+    def __init__(self, in_channels, channels, num_classes, dropout=0.1, in_index=-1, align_corners=False):
+        super().__init__()
+        self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
+        self.in_index, self.align_corners = in_index, align_corners
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        # mmseg BaseDecodeHead init: Normal(0, 0.01), bias 0, so an HL head copy starts with D ≈ 0.
+        nn.init.normal_(self.conv_seg.weight, 0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    def classify(self, feat):
+        return self.conv_seg(self.dropout(feat))
+
+
+class FCNHead(DecodeHead):
+    """FCN head: `num_convs` 3×3 convs (`convs`), optionally concatenated with the input (`conv_cat`)."""
+
+    def __init__(self, in_channels, channels, num_classes, num_convs=2, concat_input=True, dilation=1, **kwargs):
+        super().__init__(in_channels, channels, num_classes, **kwargs)
+        if num_convs == 0 and in_channels != channels:
+            raise ValueError(f"FCN head with num_convs=0 needs in_channels == channels, got {in_channels}, {channels}")
+        convs = [ConvBNReLU(in_channels if i == 0 else channels, channels, 3, dilation) for i in range(num_convs)]
+        self.convs = nn.Sequential(*convs) if convs else nn.Identity()
+        self.concat_input = concat_input
+        if concat_input:
+            self.conv_cat = ConvBNReLU(in_channels + channels, channels, 3)
+
+    def forward(self, inputs):
+        x = inputs[self.in_index]
+        out = self.convs(x)
+        if self.concat_input:
+            out = self.conv_cat(torch.cat([x, out], dim=1))
+        return self.classify(out)
+
+
+class PSPHead(DecodeHead):
+    """PSPNet head: pyramid pooling (`psp_modules`) + 3×3 `bottleneck` over the input and pooled maps."""
+
+    def __init__(self, in_channels, channels, num_classes, pool_scales=(1, 2, 3, 6), **kwargs):
+        super().__init__(in_channels, channels, num_classes, **kwargs)
+        self.psp_modules = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels, channels, 1)) for s in pool_scales)
+        self.bottleneck = ConvBNReLU(in_channels + len(pool_scales) * channels, channels, 3)
+
+    def forward(self, inputs):
+        x = inputs[self.in_index]
+        pooled = [resize(m(x), x.shape[2:], self.align_corners) for m in self.psp_modules]
+        return self.classify(self.bottleneck(torch.cat([x, *pooled], dim=1)))
+
+
+class ASPPHead(DecodeHead):
+    """DeepLabV3 head: `image_pool` + one `aspp_modules` branch per dilation (1×1 at dilation 1) + `bottleneck`."""
+
+    def __init__(self, in_channels, channels, num_classes, dilations=(1, 6, 12, 18), **kwargs):
+        super().__init__(in_channels, channels, num_classes, **kwargs)
+        self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvBNReLU(in_channels, channels, 1))
+        self.aspp_modules = nn.ModuleList(self._branch(in_channels, channels, d) for d in dilations)
+        self.bottleneck = ConvBNReLU((len(dilations) + 1) * channels, channels, 3)
+
+    def _branch(self, cin, cout, dilation):
+        return ConvBNReLU(cin, cout, 1) if dilation == 1 else ConvBNReLU(cin, cout, 3, dilation)
+
+    def aspp(self, x):
+        pooled = resize(self.image_pool(x), x.shape[2:], self.align_corners)
+        return self.bottleneck(torch.cat([pooled, *(m(x) for m in self.aspp_modules)], dim=1))
+
+    def forward(self, inputs):
+        return self.classify(self.aspp(inputs[self.in_index]))
+
+
+class DepthwiseSeparableASPPHead(ASPPHead):
+    """DeepLabV3+ head: separable ASPP, low-level skip `c1_bottleneck`, two separable 3×3 `sep_bottleneck` convs.
+
+    Args:
+        c1_in_index: backbone stage of the low-level skip (stage 0 = stride 4).
+    """
+
+    def __init__(self, in_channels, channels, num_classes, c1_in_channels, c1_channels=48, c1_in_index=0, **kwargs):
+        super().__init__(in_channels, channels, num_classes, **kwargs)
+        self.c1_in_index = c1_in_index
+        self.c1_bottleneck = ConvBNReLU(c1_in_channels, c1_channels, 1)
+        self.sep_bottleneck = nn.Sequential(SeparableConvBNReLU(channels + c1_channels, channels, 3),
+                                            SeparableConvBNReLU(channels, channels, 3))
+
+    def _branch(self, cin, cout, dilation):
+        return ConvBNReLU(cin, cout, 1) if dilation == 1 else SeparableConvBNReLU(cin, cout, 3, dilation)
+
+    def forward(self, inputs):
+        c1 = self.c1_bottleneck(inputs[self.c1_in_index])
+        out = resize(self.aspp(inputs[self.in_index]), c1.shape[2:], self.align_corners)
+        return self.classify(self.sep_bottleneck(torch.cat([out, c1], dim=1)))

@@ -1,0 +1,57 @@
+"""Loading pretrained weights (ImageNet backbones, mmseg checkpoints) with a report of what matched."""
+
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# A checkpoint that fills less than this share of the module's tensors is the wrong file, not a partial match.
+MIN_LOADED_FRACTION = 0.5
+
+
+def _unwrap(ckpt, path):
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict or {{'state_dict': ...}} of tensors")
+    return state
+
+
+def load_pretrained(module, path, expected_prefix=""):
+    """Load matching tensors from `path` into `module`; returns {"loaded", "missing", "unexpected"} key lists.
+
+    A leading "module." (DDP) or "backbone." (mmseg segmentor checkpoint) is stripped from checkpoint keys unless
+    the module's own keys carry it. With `expected_prefix` (e.g. "weigh_head." for the released HL checkpoints)
+    only keys under that prefix are used, with the prefix removed. Raises ValueError on shape mismatches or when
+    fewer than MIN_LOADED_FRACTION of the module's tensors are found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    state = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    for prefix in ("module.", "backbone."):
+        if not any(k.startswith(prefix) for k in own):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
+    if expected_prefix:
+        state = {k.removeprefix(expected_prefix): v for k, v in state.items() if k.startswith(expected_prefix)}
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"{path}: {len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:3])}")
+    loaded = [k for k in own if k in state]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if len(loaded) < MIN_LOADED_FRACTION * len(own):
+        raise ValueError(f"{path}: only {len(loaded)}/{len(own)} tensors of {type(module).__name__} match; "
+                         f"missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}")
+    module.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    log.info("loaded %d/%d tensors from %s", len(loaded), len(own), path)
+    if missing:
+        log.warning("missing in %s (%d): %s", path, len(missing), missing)
+    if unexpected:
+        log.info("unused from %s (%d): %s", path, len(unexpected), unexpected)
+    return {"loaded": loaded, "missing": missing, "unexpected": unexpected}

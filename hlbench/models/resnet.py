@@ -1,0 +1,202 @@
+"""ResNet backbones returning the four stage outputs: mmseg's deep-stem ResNetV1c and a torchvision wrapper."""
+
+import torch.nn as nn
+import torchvision
+
+# (strides, dilations) of layer1..layer4 per output stride; OS8 / OS16 are mmseg's "-d8" / "-d16" settings.
+STAGE_PATTERNS = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2)), 32: ((1, 2, 2, 2), (1, 1, 1, 1))}
+
+
+def stage_dilations(num_blocks, dilation, contract_dilation=True, multi_grid=None):
+    """Per-block dilations of one stage.
+
+    mmseg's ResLayer gives the first block of a dilated stage dilation/2 (contract_dilation), which is also what
+    torchvision's replace_stride_with_dilation does. multi_grid multiplies the stage dilation block by block
+    (DeepLabV3 §3.2 and U2PL/UniMatch: dilation 4 with grids (1, 2, 4) gives 4/8/16); note that mmseg's own
+    `multi_grid` takes absolute dilations instead.
+    """
+    if multi_grid is not None:
+        if len(multi_grid) != num_blocks:
+            raise ValueError(f"multi_grid {list(multi_grid)} needs one entry per block of layer4 ({num_blocks})")
+        return [dilation * g for g in multi_grid]
+    first = dilation // 2 if contract_dilation and dilation > 1 else dilation
+    return [first] + [dilation] * (num_blocks - 1)
+
+
+def _stage_pattern(output_stride):
+    if output_stride not in STAGE_PATTERNS:
+        raise ValueError(f"output_stride must be one of {sorted(STAGE_PATTERNS)}, got {output_stride}")
+    return STAGE_PATTERNS[output_stride]
+
+
+def _conv3x3(cin, cout, stride=1, dilation=1):
+    return nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block; like mmseg, only conv1 is dilated."""
+
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50/101 block, "pytorch" style: the stride sits on the 3×3 conv."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = _conv3x3(planes, planes, stride, dilation)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+ARCHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+         50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3))}
+
+
+class ResNetV1c(nn.Module):
+    """mmseg ResNetV1c: deep stem of three 3×3 convs, then a 3×3 max-pool; state-dict keys match mmseg's.
+
+    Args:
+        stem_channels: widths of the three stem convs; mmseg (32, 32, 64), U2PL/UniMatch (64, 64, 128).
+        multi_grid: per-block dilation multipliers of layer4 (see `stage_dilations`), or None.
+        width_mult: scales every width (minimum 8), e.g. 0.25 for CPU smoke runs.
+    """
+
+    def __init__(self, depth=50, stem_channels=(32, 32, 64), output_stride=8, contract_dilation=True,
+                 multi_grid=None, width_mult=1.0):
+        super().__init__()
+        if depth not in ARCHS:
+            raise ValueError(f"resnet_v1c depth must be one of {sorted(ARCHS)}, got {depth}")
+        if len(stem_channels) != 3:
+            raise ValueError(f"stem_channels needs three widths, got {list(stem_channels)}")
+        block, num_blocks = ARCHS[depth]
+        strides, dilations = _stage_pattern(output_stride)
+
+        def width(c):
+            return max(8, int(round(c * width_mult)))
+
+        s1, s2, s3 = (width(c) for c in stem_channels)
+        # Sequential indices 0/1, 3/4, 6/7 are mmseg's stem.{conv,bn} keys (ReLUs at 2, 5, 8).
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, s1, 3, 2, 1, bias=False), nn.BatchNorm2d(s1), nn.ReLU(inplace=True),
+            _conv3x3(s1, s2), nn.BatchNorm2d(s2), nn.ReLU(inplace=True),
+            _conv3x3(s2, s3), nn.BatchNorm2d(s3), nn.ReLU(inplace=True))
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes, self.out_channels = s3, []
+        for i in range(4):
+            grid = multi_grid if i == 3 else None
+            block_dilations = stage_dilations(num_blocks[i], dilations[i], contract_dilation, grid)
+            layer, inplanes = _make_stage(block, inplanes, width(64 * 2**i), strides[i], block_dilations)
+            self.add_module(f"layer{i + 1}", layer)
+            self.out_channels.append(inplanes)
+        self._init_weights()
+
+    def _init_weights(self):
+        # mmseg ResNet defaults: Kaiming convs, unit BN, and zero_init_residual (last BN of each block at 0).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(_last_bn(m).weight)
+
+    def forward(self, x):
+        x = self.maxpool(self.stem(x))
+        outs = []
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+            outs.append(x)
+        return tuple(outs)
+
+
+def _make_stage(block, inplanes, planes, stride, dilations):
+    """One residual stage; returns (stage, its output width)."""
+    out = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out:
+        downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+    blocks = [block(inplanes, planes, stride, dilations[0], downsample)]
+    blocks += [block(out, planes, 1, d) for d in dilations[1:]]
+    return nn.Sequential(*blocks), out
+
+
+TORCHVISION_BUILDERS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
+                        50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
+
+
+class TorchvisionResNet(nn.Module):
+    """torchvision ResNet (7×7 stem, random init) with torchvision's key names and no fc layer.
+
+    Dilation is applied to the built network instead of through `replace_stride_with_dilation`, because
+    torchvision's BasicBlock rejects the latter. For Bottleneck depths the result is identical to
+    torchvision's (same per-block dilations); for BasicBlock depths only conv1 is dilated, as in mmseg.
+    """
+
+    def __init__(self, depth=50, output_stride=8, contract_dilation=True, width_mult=1.0):
+        super().__init__()
+        if depth not in TORCHVISION_BUILDERS:
+            raise ValueError(f"torchvision_resnet depth must be one of {sorted(TORCHVISION_BUILDERS)}, got {depth}")
+        if width_mult != 1.0:
+            raise ValueError(f"torchvision_resnet supports width_mult 1.0 only, got {width_mult}")
+        if not contract_dilation:
+            raise ValueError("torchvision_resnet always contracts the first dilation of a stage (contract_dilation)")
+        net = TORCHVISION_BUILDERS[depth](weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        _, dilations = _stage_pattern(output_stride)
+        for i, layer in enumerate(self.stages()):
+            if dilations[i] > 1:
+                _dilate_stage(layer, stage_dilations(len(layer), dilations[i], contract_dilation))
+        self.out_channels = [_last_bn(layer[-1]).num_features for layer in self.stages()]
+
+    def stages(self):
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for layer in self.stages():
+            x = layer(x)
+            outs.append(x)
+        return tuple(outs)
+
+
+def _last_bn(block):
+    """The BN closing a residual branch (bn3 in bottlenecks, bn2 in basic blocks), ours or torchvision's."""
+    return block.bn3 if hasattr(block, "bn3") else block.bn2
+
+
+def _dilate_stage(layer, dilations):
+    """Turn a torchvision stage's stride 2 into the given per-block dilations of its strided 3×3 conv."""
+    for block, d in zip(layer, dilations):
+        conv = block.conv2 if isinstance(block, torchvision.models.resnet.Bottleneck) else block.conv1
+        conv.stride, conv.dilation, conv.padding = (1, 1), (d, d), (d, d)
+        if block.downsample is not None:
+            block.downsample[0].stride = (1, 1)

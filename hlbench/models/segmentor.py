@@ -1,0 +1,92 @@
+"""Encoder-decoder segmentor with optional auxiliary and HL heads; whole-image and sliding-window inference."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hlbench.models.heads import resize
+
+
+def window_starts(size, crop, stride):
+    """Window start offsets along one axis, as mmseg's slide_inference: border windows are shifted inside."""
+    num = max(size - crop + stride - 1, 0) // stride + 1
+    return [max(min(i * stride + crop, size) - crop, 0) for i in range(num)]
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class Segmentor(nn.Module):
+    """Backbone + decode head (+ auxiliary head) (+ HL head); attribute names follow mmseg's EncoderDecoder.
+
+    Args:
+        hl_head: the HL branch D, a copy of the decode head with one output channel (authors' hl_encoder_decoder.py).
+        detach_hl_features: feed the HL head detached features, so no HL gradient reaches the backbone.
+    """
+
+    def __init__(self, backbone, decode_head, auxiliary_head=None, hl_head=None, align_corners=False,
+                 detach_hl_features=True):
+        super().__init__()
+        self.backbone, self.decode_head = backbone, decode_head
+        self.auxiliary_head, self.hl_head = auxiliary_head, hl_head
+        self.align_corners, self.detach_hl_features = align_corners, detach_hl_features
+        self.num_classes = decode_head.num_classes
+
+    def forward(self, img):
+        """Logits at decoder resolution: {"out"} in eval mode; plus "aux" and "hl" (raw D) when training."""
+        feats = self.backbone(img)
+        out = {"out": self.decode_head(feats)}
+        if not self.training:
+            return out
+        if self.auxiliary_head is not None:
+            out["aux"] = self.auxiliary_head(feats)
+        if self.hl_head is not None:
+            hl_feats = tuple(f.detach() for f in feats) if self.detach_hl_features else feats
+            out["hl"] = self.hl_head(hl_feats)
+        return out
+
+    def _decode(self, img):
+        """mmseg encode_decode: decode-head logits resized to the input size."""
+        return resize(self.decode_head(self.backbone(img)), img.shape[2:], self.align_corners)
+
+    @torch.no_grad()
+    def predict(self, img, mode="whole", crop=None, stride=None, window_batch=8):
+        """N×C×H×W decode logits at input size; the HL branch is never used (authors' hl_encoder_decoder.py).
+
+        Args:
+            mode: "whole" (one pass) or "slide" (windows of `crop` every `stride`, both (h, w) or int).
+            window_batch: windows run together in one forward pass.
+        """
+        if mode == "whole":
+            return self._decode(img)
+        if mode != "slide":
+            raise ValueError(f"predict mode must be 'whole' or 'slide', got {mode!r}")
+        if crop is None or stride is None:
+            raise ValueError("slide inference needs crop=(h, w) and stride=(h, w)")
+        return self._slide(img, _pair(crop), _pair(stride), window_batch)
+
+    def _slide(self, img, crop, stride, window_batch):
+        n, _, h, w = img.shape
+        (ch, cw), (sh, sw) = crop, stride
+        # Pad images smaller than the window (normalised pad value 0, as in training) so that all windows share one
+        # size and can be batched; the padding is cropped off again below.
+        x = F.pad(img, (0, max(cw - w, 0), 0, max(ch - h, 0)))
+        height, width = x.shape[2:]
+        windows = [(y0, x0) for y0 in window_starts(height, ch, sh) for x0 in window_starts(width, cw, sw)]
+        logits = img.new_zeros(n, self.num_classes, height, width)
+        count = img.new_zeros(1, 1, height, width)
+        for i in range(0, len(windows), window_batch):
+            chunk = windows[i:i + window_batch]
+            crops = torch.cat([x[:, :, y0:y0 + ch, x0:x0 + cw] for y0, x0 in chunk])
+            for (y0, x0), out in zip(chunk, self._decode(crops).split(n)):
+                logits[:, :, y0:y0 + ch, x0:x0 + cw] += out
+                count[:, :, y0:y0 + ch, x0:x0 + cw] += 1
+        return (logits / count)[:, :, :h, :w]
+
+    @torch.no_grad()
+    def predict_hl(self, img):
+        """N×1×H×W raw HL logits D at input size, for HL maps (any mode)."""
+        if self.hl_head is None:
+            raise ValueError("this model has no HL head; build it with build_model(..., hl=True)")
+        return resize(self.hl_head(self.backbone(img)), img.shape[2:], self.align_corners)

@@ -1,0 +1,123 @@
+"""`python -m hlbench.run`: run the smoke suite, one experiment (`experiment=`) or a suite (`suite=`).
+
+Hydra composes the config; `run()` does the work and is what tests call. Every run gets a deterministic run
+folder <out_dir>/<suite or "runs">/<experiment>[-<profile>]/seed<k> so a requeued job finds its checkpoints.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from .config_checks import ConfigError, check_config
+from .report import comparison_table
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
+# The config's hydra.searchpath points here so experiment=<name> finds experiments/experiment/<name>.yaml.
+os.environ.setdefault("HLBENCH_EXPERIMENTS_DIR", str(EXPERIMENTS_DIR))
+
+log = logging.getLogger("hlbench")
+
+
+def suite_file(name: str) -> Path:
+    path = Path(os.environ["HLBENCH_EXPERIMENTS_DIR"]) / "suite" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"suite={name!r}: no file {path}; known suites: {', '.join(known)}")
+    return path
+
+
+def load_suite(name: str) -> DictConfig:
+    suite = OmegaConf.load(suite_file(name))
+    if not suite.get("experiments"):
+        raise ConfigError(f"{suite_file(name)}: expected a non-empty 'experiments' list")
+    return suite
+
+
+def run_dir_for(cfg, experiment: str, suite: str | None, profile: str | None, seed: int) -> Path:
+    """Deterministic run folder; with resume=false an existing folder is never reused (a -2, -3... sibling is)."""
+    name = experiment.replace("/", "-") + (f"-{profile}" if profile else "")
+    base = Path(cfg.out_dir) / (suite or "runs") / name / f"seed{seed}"
+    versions = [base] + sorted((p for p in base.parent.glob(f"seed{seed}-*") if p.name.rsplit("-", 1)[1].isdigit()),
+                               key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    existing = [p for p in versions if p.exists()]
+    if cfg.resume:
+        return existing[-1] if existing else base
+    if not existing:
+        return base
+    last = int(existing[-1].name.rsplit("-", 1)[1]) if existing[-1] != base else 1
+    return base.parent / f"seed{seed}-{last + 1}"
+
+
+def run_experiment(cfg: DictConfig, experiment: str, suite: str | None, profile: str | None,
+                   hooks: dict | None = None) -> dict:
+    """Train + evaluate one experiment for cfg.seed; returns its summary (with run_dir)."""
+    from .engine.distributed import init_distributed
+    from .engine.trainer import train
+
+    check_config(cfg)
+    info = init_distributed(cfg.device)
+    run_dir = run_dir_for(cfg, experiment, suite, profile, int(cfg.seed))
+    meta = {"experiment": experiment, "suite": suite, "name": f"{experiment}-s{cfg.seed}",
+            "tags": [cfg.model.name, cfg.data.name, "hl" if cfg.hl.enabled else "baseline", cfg.setting]
+            + ([f"profile:{profile}"] if profile else [])}
+    if info.is_main:
+        log.info("run folder: %s", run_dir)
+    summary = train(cfg, run_dir, info, meta, hooks=hooks)
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def _seeds(cfg) -> list[int]:
+    return [int(s) for s in cfg.seeds] if cfg.seeds is not None else [int(cfg.seed)]
+
+
+def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = False) -> list[dict]:
+    """Run what the composed config asks for: one experiment, or every experiment of cfg.suite; all seeds."""
+    from hydra import compose
+
+    profile = choices.get("profile")
+    experiment = choices.get("experiment")
+    if experiment is not None:
+        plan = [(experiment, cfg)]
+        suite_name, table = None, experiment
+    else:
+        suite = load_suite(cfg.suite)
+        suite_name, table = cfg.suite, suite.get("table", cfg.suite)
+        # Each suite member is composed as if the user had typed experiment=<member> plus their overrides.
+        keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("suite", "experiment")]
+        plan = [(name, compose("config", overrides=keep + [f"experiment={name}"])) for name in suite.experiments]
+    jobs = [(name, c, s) for name, c in plan for s in _seeds(c)]
+    if multirun and len(jobs) > 1:
+        raise ConfigError("in a Hydra multirun each job must be one run: sweep experiment=... and seed=..., "
+                          "not suite= or seeds=")
+    summaries = []
+    for name, c, seed in jobs:
+        c = c.copy()
+        OmegaConf.set_struct(c, False)
+        c.seed = seed
+        OmegaConf.set_struct(c, True)
+        summaries.append(run_experiment(c, name, suite_name, profile))
+    print(comparison_table(summaries, title=table))
+    print("outputs:", *sorted({str(Path(s['run_dir']).parent) for s in summaries}), sep="\n  ")
+    return summaries
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    hc = HydraConfig.get()
+    try:
+        run(cfg, dict(hc.runtime.choices), list(hc.overrides.task), multirun=hc.mode.name == "MULTIRUN")
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

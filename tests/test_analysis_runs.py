@@ -1,0 +1,88 @@
+"""analysis: loading run folders, metrics.jsonl, mean ± std tables."""
+import json
+import math
+
+import pytest
+import yaml
+
+from analysis import aggregate, format_mean_std, format_table, load_runs, read_metrics
+
+
+def _write_run(run_dir, *, hl: bool, seed: int, miou: float, suite="supervised"):
+    run_dir.mkdir(parents=True)
+    config = {"suite": suite, "seed": seed, "model": {"name": "pspnet"}, "hl": {"enabled": hl},
+              "data": {"name": "synthetic"}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    final = {"iter": 100, "mIoU": miou, "mAcc": 0.8, "aAcc": 0.9, "IoU": {"road": 0.9, "traffic light": 0.1},
+             "protocol": {"mode": "whole"}}
+    summary = {"experiment": "pspnet_synth", "suite": None, "seed": seed, "iters": 100, "train_time_s": 1.5,
+               "final": final, "best": dict(final, mIoU=miou + 0.01), "hl_auroc": 0.7 if hl else None,
+               "thin_small_IoU": 0.2, "paper": None}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def runs_root(tmp_path):
+    _write_run(tmp_path / "g" / "base_s0" / "t1", hl=False, seed=0, miou=0.60)
+    _write_run(tmp_path / "g" / "base_s1" / "t1", hl=False, seed=1, miou=0.64)
+    _write_run(tmp_path / "hl_s0", hl=True, seed=0, miou=0.70)
+    (tmp_path / "not_a_run").mkdir()
+    (tmp_path / "not_a_run" / "summary.json").write_text("{}")  # no config.yaml: skipped
+    return tmp_path
+
+
+def test_load_runs_flattens_summary_and_config_axes(runs_root):
+    df = load_runs(runs_root)
+    assert len(df) == 3
+    assert list(df.columns[:7]) == ["run_dir", "experiment", "suite", "seed", "model.name", "hl.enabled",
+                                    "data.name"]
+    row = df[df["hl.enabled"]].iloc[0]
+    assert row["final.mIoU"] == 0.70 and row["best.mIoU"] == pytest.approx(0.71)
+    assert row["final.IoU.traffic light"] == 0.1 and row["hl_auroc"] == 0.7
+    assert row["suite"] == "supervised"  # null in summary.json -> taken from config.yaml
+    assert row["model.name"] == "pspnet" and row["experiment"] == "pspnet_synth"
+    assert row["run_dir"].endswith("hl_s0")
+
+
+def test_load_runs_missing_root_is_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_runs(tmp_path / "nope")
+    assert load_runs(tmp_path).empty
+
+
+def test_aggregate_mean_std_n_and_format(runs_root):
+    agg = aggregate(load_runs(runs_root), by=["hl.enabled"], metrics=["final.mIoU", "hl_auroc"])
+    base = agg[~agg["hl.enabled"]].iloc[0]
+    assert base["final.mIoU mean"] == pytest.approx(0.62)
+    assert base["final.mIoU std"] == pytest.approx(math.sqrt(2 * 0.02 ** 2))  # sample std (ddof=1)
+    assert base["final.mIoU n"] == 2 and base["hl_auroc n"] == 0
+    hl = agg[agg["hl.enabled"]].iloc[0]
+    assert hl["final.mIoU n"] == 1 and math.isnan(hl["final.mIoU std"])
+
+    text = format_mean_std(agg)
+    assert list(text.columns) == ["hl.enabled", "final.mIoU", "hl_auroc"]
+    assert text.loc[~text["hl.enabled"], "final.mIoU"].item() == "62.0 ± 2.8 (2)"
+    assert text.loc[text["hl.enabled"], "final.mIoU"].item() == "70.0 ± – (1)"
+    assert text.loc[~text["hl.enabled"], "hl_auroc"].item() == "– (0)"
+
+    with pytest.raises(KeyError, match="final.nope"):
+        aggregate(load_runs(runs_root), by=["hl.enabled"], metrics=["final.nope"])
+
+
+def test_format_table_fixed_width(runs_root):
+    table = format_table(format_mean_std(aggregate(load_runs(runs_root), ["hl.enabled"], ["final.mIoU"])))
+    lines = table.splitlines()
+    assert lines[0].split("|")[1].strip() == "hl.enabled"
+    assert set(lines[1]) == {"|", "-"}
+    assert len({len(line) for line in lines}) == 1  # every line equally wide
+    assert "| 62.0 ± 2.8 (2) |" in lines[2]
+
+
+def test_read_metrics_keeps_last_occurrence_per_mode_and_iter(tmp_path):
+    lines = [{"mode": "train", "iter": 10, "loss": 1.0}, {"mode": "val", "iter": 10, "mIoU": 0.1},
+             {"mode": "train", "iter": 20, "loss": 0.9}, {"mode": "resume", "iter": 10},
+             {"mode": "train", "iter": 20, "loss": 0.8}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    df = read_metrics(tmp_path)
+    assert list(zip(df["mode"], df["iter"])) == [("train", 10), ("val", 10), ("train", 20)]
+    assert df.loc[df["iter"] == 20, "loss"].item() == 0.8
