@@ -8,6 +8,11 @@ from hlbench.models import build_model, load_pretrained
 from hlbench.models.resnet import ResNetV1c, TorchvisionResNet
 
 
+def _tiny_cfg():
+    return {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "pretrained": None},
+            "head": {"type": "psp", "channels": 16, "in_index": 3}}
+
+
 def _block_counts(state_dict):
     return [len({k.split(".")[1] for k in state_dict if k.startswith(f"layer{i}.")}) for i in range(1, 5)]
 
@@ -159,8 +164,3 @@ def test_build_model_loads_backbone_pretrained(tmp_path):
     cfg["backbone"]["pretrained"] = str(_save(src.state_dict(), tmp_path / "r18.pth"))
     model = build_model(cfg, num_classes=3, hl=False)
     torch.testing.assert_close(model.backbone.layer2[0].conv1.weight, src.layer2[0].conv1.weight)
-
-
-def _tiny_cfg():
-    return {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "pretrained": None},
-            "head": {"type": "psp", "channels": 16, "in_index": 3}}

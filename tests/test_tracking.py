@@ -146,6 +146,12 @@ def test_hl_panel_resizes_input_sized_image_and_hl_to_label_size():
     assert panel.shape == (8, 4 * 12 + 3 * 2, 3)
 
 
+def test_hl_panel_without_hl_branch_or_hardness():
+    images, _, labels, preds = _batch(n=1, h=8, w=12)
+    panel = render_hl_panel(images, None, labels, preds, PALETTE, hard=np.zeros((0,)))
+    assert panel.shape == (8, 3 * 12 + 2 * 2, 3)  # image | ground truth | prediction
+
+
 def test_wandb_mode_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)

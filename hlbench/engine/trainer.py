@@ -60,10 +60,16 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         idx, seed = key
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-        return self.dataset[idx]
+        # Forked so that with num_workers=0 the training process's own RNG stream (dropout) is untouched.
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            item = self.dataset[idx]
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        return item
 
 
 def _autocast(device, amp):

@@ -61,14 +61,15 @@ def render_hl_panel(images, hl, labels, preds, palette, hard=None, max_images: i
 
     Args:
         images: uint8 N×3×H'×W' un-normalised images.
-        hl: float N×H'×W' (or N×1×H'×W') HL scores.
+        hl: float N×H'×W' (or N×1×H'×W') HL scores; None (model without HL branch) drops the column.
         labels, preds: int N×H×W class ids, 255 = ignore (black).
         palette: list of (r, g, b) per class.
-        hard: optional N×H×W hardness bitmask; non-zero pixels are drawn white.
+        hard: optional N×H×W hardness bitmask, non-zero pixels drawn white; None or empty drops the column.
     """
-    hl = to_numpy(hl)
-    if hl.ndim == 4:
+    hl = None if hl is None else to_numpy(hl)
+    if hl is not None and hl.ndim == 4:
         hl = hl[:, 0]
+    hard = None if hard is None or len(hard) == 0 else hard
     labels, preds = to_numpy(labels), to_numpy(preds)
     n = min(len(labels), max_images)
     if n == 0:
@@ -76,8 +77,9 @@ def render_hl_panel(images, hl, labels, preds, palette, hard=None, max_images: i
     rows = []
     for i in range(n):
         hw = labels[i].shape
-        tiles = [image_to_hwc(images[i], hw), colorize_labels(labels[i], palette),
-                 colorize_labels(preds[i], palette), _resize(colorize_hl(hl[i], cmap), hw, Image.BILINEAR)]
+        tiles = [image_to_hwc(images[i], hw), colorize_labels(labels[i], palette), colorize_labels(preds[i], palette)]
+        if hl is not None:
+            tiles.append(_resize(colorize_hl(hl[i], cmap), hw, Image.BILINEAR))
         if hard is not None:
             mask = (to_numpy(hard[i]) != 0).astype(np.uint8) * 255
             tiles.append(np.repeat(mask[..., None], 3, axis=2))

@@ -1,0 +1,42 @@
+"""Shared fixtures: compose real configs through Hydra's compose API, shrunk for CPU tests, W&B off."""
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf, open_dict
+
+import hlbench.run  # noqa: F401  (sets HLBENCH_EXPERIMENTS_DIR for the config search path)
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+# Small enough for seconds per run on 2 cores, large enough to exercise every code path.
+TINY = ["profile=smoke", "logger=none", "train.iters=4", "train.ckpt_interval=2", "train.log_interval=2",
+        "train.hl_map_interval=2", "data.train.num_images=16", "data.val.num_images=4", "data.val.size=[64,64]",
+        "data.train.size=[80,80]", "data.train_pipeline.resize.scale=[80,80]", "data.train_pipeline.crop=[64,64]"]
+
+
+@pytest.fixture(autouse=True)
+def _no_wandb(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "disabled"))
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+
+
+@pytest.fixture
+def hydra_ctx():
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def compose_run(overrides, out_dir=None):
+    """Compose like the CLI does; returns (cfg without the hydra node, runtime choices, overrides)."""
+    overrides = list(overrides) + ([f"out_dir={out_dir}"] if out_dir else [])
+    full = compose("config", overrides=overrides, return_hydra_config=True)
+    choices = OmegaConf.to_container(full.hydra.runtime.choices)
+    with open_dict(full):
+        del full["hydra"]
+    return full, choices, overrides

@@ -1,0 +1,62 @@
+"""Every config in the tree composes, alone and under profile=smoke; suites name existing experiments."""
+from pathlib import Path
+
+import pytest
+from hydra import compose
+from omegaconf import OmegaConf
+
+from hlbench.config_checks import check_config
+from hlbench.run import load_suite
+from tests.conftest import EXPERIMENTS
+
+CONF = Path(__file__).resolve().parents[1] / "hlbench" / "conf"
+EXPERIMENT_NAMES = sorted(str(p.relative_to(EXPERIMENTS / "experiment").with_suffix(""))
+                          for p in (EXPERIMENTS / "experiment").rglob("*.yaml"))
+SUITE_NAMES = sorted(p.stem for p in (EXPERIMENTS / "suite").glob("*.yaml"))
+GROUP_OPTIONS = sorted((d.name, p.stem) for d in CONF.iterdir() if d.is_dir() and not d.name.startswith("_")
+                       for p in d.glob("*.yaml"))
+
+
+def test_configs_were_found():
+    assert len(EXPERIMENT_NAMES) >= 2 and "smoke" in SUITE_NAMES and len(GROUP_OPTIONS) >= 8
+
+
+@pytest.mark.parametrize("name", EXPERIMENT_NAMES)
+@pytest.mark.parametrize("profile", [[], ["profile=smoke"]])
+def test_experiment_composes(hydra_ctx, name, profile):
+    cfg = compose("config", overrides=[f"experiment={name}"] + profile)
+    OmegaConf.to_container(cfg, resolve=True)
+    check_config(cfg)
+    if profile:
+        assert cfg.data.name == "synthetic" and cfg.model.backbone.width_mult < 1
+
+
+@pytest.mark.parametrize("group,option", GROUP_OPTIONS)
+def test_group_option_composes(hydra_ctx, group, option):
+    cfg = compose("config", overrides=[f"{group}={option}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    check_config(cfg)
+
+
+@pytest.mark.parametrize("suite", SUITE_NAMES)
+def test_suite_lists_existing_experiments(suite):
+    names = load_suite(suite).experiments
+    assert names and all(n in EXPERIMENT_NAMES for n in names)
+
+
+def test_cli_override_beats_experiment(hydra_ctx):
+    cfg = compose("config", overrides=["experiment=smoke/hl", "hl.enabled=false", "model=pspnet_r50"])
+    assert cfg.hl.enabled is False and cfg.model.name == "pspnet_r50"
+
+
+def test_unknown_key_rejected(hydra_ctx):
+    with pytest.raises(Exception, match="train.itres"):
+        compose("config", overrides=["train.itres=5"])
+
+
+@pytest.mark.parametrize("override,key", [("hl.scope=pixel", "hl.scope"), ("train.iters=0", "train.iters"),
+                                          ("optim.name=rmsprop", "optim.name"), ("eval.mode=slide", "eval.mode")])
+def test_bad_value_names_the_key(hydra_ctx, override, key):
+    cfg = compose("config", overrides=[override])
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        check_config(cfg)

@@ -1,0 +1,121 @@
+"""End-to-end runs of the runner on tiny synthetic configs: outputs, resume, seeds, CLI, multirun, DDP."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hlbench.run import run, run_experiment
+from tests.conftest import REPO, TINY, compose_run
+
+pytestmark = pytest.mark.slow
+
+
+def _lines(run_dir):
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_smoke_suite_writes_run_folders_and_table(hydra_ctx, tmp_path, capsys):
+    cfg, choices, overrides = compose_run(TINY, tmp_path)
+    summaries = run(cfg, choices, overrides)
+    assert [s["experiment"] for s in summaries] == ["smoke/baseline", "smoke/hl"]
+    out = capsys.readouterr().out
+    assert "HL AUROC" in out and "smoke/hl" in out and str(tmp_path) in out
+    base, hl = summaries
+    for s in summaries:
+        rd = Path(s["run_dir"])
+        assert rd == tmp_path / "smoke" / (s["experiment"].replace("/", "-") + "-smoke") / "seed0"
+        for name in ("config.yaml", "env.json", "summary.json", "checkpoints/iter_000004.pth", "checkpoints/best.pth"):
+            assert (rd / name).is_file(), name
+        lines = _lines(rd)
+        train = [x for x in lines if x["mode"] == "train"]
+        assert [x["iter"] for x in train] == [2, 4] and all("decode.loss_ce" in x and "lr" in x for x in train)
+        val = [x for x in lines if x["mode"] == "val"]
+        assert val[-1]["iter"] == 4 and 0 <= val[-1]["mIoU"] <= 1 and "IoU.pole" in val[-1]
+        assert s["final"]["protocol"] == {"mode": "whole", "weights": "final (iter 4)"}
+    assert "weight_loss" in _lines(hl["run_dir"])[0] and "weight_loss" not in _lines(base["run_dir"])[0]
+    assert 0 <= hl["hl_auroc"] <= 1 and base["hl_auroc"] is None
+    assert list((Path(hl["run_dir"]) / "hl_maps").glob("*.png"))
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(hydra_ctx, tmp_path):
+    over = TINY + ["experiment=smoke/hl", "train.iters=6", "train.ckpt_interval=3", "train.num_workers=1"]
+    full = run_experiment(compose_run(over, tmp_path / "a")[0], "smoke/hl", None, "smoke")
+    stopped = run_experiment(compose_run(over, tmp_path / "b")[0], "smoke/hl", None, "smoke",
+                             hooks={"stop_after": 3})
+    assert stopped["stopped_at"] == 3
+    resumed = run_experiment(compose_run(over + ["resume=true"], tmp_path / "b")[0], "smoke/hl", None, "smoke")
+    assert resumed["run_dir"] == stopped["run_dir"] and resumed["resumed_from"] == 3
+    assert resumed["final"]["IoU"] == full["final"]["IoU"]
+    a = torch.load(Path(full["run_dir"]) / "checkpoints/iter_000006.pth", weights_only=False)["model"]
+    b = torch.load(Path(resumed["run_dir"]) / "checkpoints/iter_000006.pth", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The interrupted run's log lines are kept and the resume point is recorded.
+    modes = [x["mode"] for x in _lines(resumed["run_dir"])]
+    assert modes.count("train") >= 3 and "resume" in modes
+
+
+def test_rerun_without_resume_never_overwrites(hydra_ctx, tmp_path):
+    over = TINY + ["experiment=smoke/baseline", "train.iters=2", "train.log_interval=1"]
+    first = run_experiment(compose_run(over, tmp_path)[0], "smoke/baseline", None, None)
+    before = (Path(first["run_dir"]) / "metrics.jsonl").read_text()
+    second = run_experiment(compose_run(over, tmp_path)[0], "smoke/baseline", None, None)
+    assert Path(second["run_dir"]).name == "seed0-2"
+    assert (Path(first["run_dir"]) / "metrics.jsonl").read_text() == before
+
+
+def test_init_from_loads_weights_only(hydra_ctx, tmp_path):
+    over = TINY + ["experiment=smoke/hl", "train.iters=2"]
+    first = run_experiment(compose_run(over, tmp_path / "a")[0], "smoke/hl", None, None)
+    ckpt = Path(first["run_dir"]) / "checkpoints/iter_000002.pth"
+    second = run_experiment(compose_run(over + [f"init_from={ckpt}"], tmp_path / "b")[0], "smoke/hl", None, None)
+    assert second["resumed_from"] is None and second["iters"] == 2
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        run_experiment(compose_run(over + ["init_from=/nope.pth"], tmp_path / "c")[0], "smoke/hl", None, None)
+
+
+def test_seed_sweep_reports_mean_std(hydra_ctx, tmp_path, capsys):
+    cfg, choices, overrides = compose_run(TINY + ["experiment=smoke/baseline", "seeds=[0,1]", "train.iters=2"],
+                                          tmp_path)
+    summaries = run(cfg, choices, overrides)
+    assert [s["seed"] for s in summaries] == [0, 1]
+    out = capsys.readouterr().out
+    assert "± " in out and "(2)" in out
+
+
+def _cli(args, tmp_path, env_extra=None, launcher=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = (launcher or [sys.executable]) + ["-m", "hlbench.run", *args, f"out_dir={tmp_path}"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
+    res = _cli(["train.itres=3"], tmp_path)
+    assert res.returncode != 0 and "train.itres" in res.stderr
+    res = _cli(["hl.scope=pixel", "logger=none"], tmp_path)
+    assert res.returncode == 2 and "hl.scope='pixel'" in res.stderr
+    assert len([ln for ln in res.stderr.splitlines() if ln.startswith("error:")]) == 1
+    res = _cli(["suite=nosuch", "logger=none"], tmp_path)
+    assert res.returncode == 2 and "nosuch" in res.stderr and "smoke" in res.stderr
+
+
+def test_multirun_jobs_are_one_finished_wandb_run_each(tmp_path):
+    args = ["-m", "experiment=smoke/hl", "seed=0,1", *[a for a in TINY if a != "logger=none"], "logger=wandb"]
+    res = _cli(args, tmp_path, {"WANDB_MODE": "offline", "WANDB_DIR": "", "WANDB_SILENT": "true"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    for seed in (0, 1):
+        rd = tmp_path / "runs" / "smoke-hl-smoke" / f"seed{seed}"
+        assert json.loads((rd / "summary.json").read_text())["seed"] == seed
+        assert len(list(rd.glob("wandb/offline-run-*"))) == 1 and (rd / "wandb_id.txt").is_file()
+
+
+def test_ddp_two_processes_with_gloo(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    res = _cli(["experiment=smoke/hl", *TINY], tmp_path, launcher=launcher)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/smoke-hl-smoke/seed0/summary.json").read_text())
+    assert summary["batch"] == {"global": 4, "per_device": 2, "accumulation": 1, "world_size": 2}
+    assert len(list(tmp_path.glob("runs/*/*"))) == 1
