@@ -25,7 +25,7 @@ log = logging.getLogger("hlbench")
 
 
 def suite_file(name: str) -> Path:
-    path = Path(os.environ["HLBENCH_EXPERIMENTS_DIR"]) / "suite" / f"{name}.yaml"
+    path = Path(os.environ["HLBENCH_EXPERIMENTS_DIR"]) / "suites" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ConfigError(f"suite={name!r}: no file {path}; known suites: {', '.join(known)}")
@@ -103,8 +103,9 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
         c.seed = seed
         OmegaConf.set_struct(c, True)
         summaries.append(run_experiment(c, name, suite_name, profile))
-    print(comparison_table(summaries, title=table))
-    print("outputs:", *sorted({str(Path(s['run_dir']).parent) for s in summaries}), sep="\n  ")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(comparison_table(summaries, title=table))
+        print("outputs:", *sorted({str(Path(s['run_dir']).parent) for s in summaries}), sep="\n  ")
     return summaries
 
 

@@ -12,7 +12,7 @@ from tests.conftest import EXPERIMENTS
 CONF = Path(__file__).resolve().parents[1] / "hlbench" / "conf"
 EXPERIMENT_NAMES = sorted(str(p.relative_to(EXPERIMENTS / "experiment").with_suffix(""))
                           for p in (EXPERIMENTS / "experiment").rglob("*.yaml"))
-SUITE_NAMES = sorted(p.stem for p in (EXPERIMENTS / "suite").glob("*.yaml"))
+SUITE_NAMES = sorted(p.stem for p in (EXPERIMENTS / "suites").glob("*.yaml"))
 GROUP_OPTIONS = sorted((d.name, p.stem) for d in CONF.iterdir() if d.is_dir() and not d.name.startswith("_")
                        for p in d.glob("*.yaml"))
 

@@ -87,7 +87,8 @@ def test_seed_sweep_reports_mean_std(hydra_ctx, tmp_path, capsys):
 
 
 def _cli(args, tmp_path, env_extra=None, launcher=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(env_extra or {})})
     cmd = (launcher or [sys.executable]) + ["-m", "hlbench.run", *args, f"out_dir={tmp_path}"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -104,7 +105,10 @@ def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
 
 def test_multirun_jobs_are_one_finished_wandb_run_each(tmp_path):
     args = ["-m", "experiment=smoke/hl", "seed=0,1", *[a for a in TINY if a != "logger=none"], "logger=wandb"]
-    res = _cli(args, tmp_path, {"WANDB_MODE": "offline", "WANDB_DIR": "", "WANDB_SILENT": "true"})
+    res = _cli(args, tmp_path, {"WANDB_MODE": "offline", "WANDB_SILENT": "true",
+                                   "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+                                   "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+                                   "WANDB_DATA_DIR": str(tmp_path / "wandb-data")})
     assert res.returncode == 0, res.stderr[-2000:]
     for seed in (0, 1):
         rd = tmp_path / "runs" / "smoke-hl-smoke" / f"seed{seed}"

@@ -116,9 +116,8 @@ def train(cfg, run_dir: Path, info: DistInfo, meta: dict, hooks: dict | None = N
     datasets = build_datasets(cfg.data, cfg.seed)
     train_set, val_set = datasets["train"], datasets["val"]
     classes = list(train_set.classes)
-    model = build_model(cfg.model, num_classes=len(classes), hl=cfg.hl.enabled)
-    if not cfg.hl.detach_features:
-        model.detach_hl_features = False
+    model = build_model(cfg.model, num_classes=len(classes), hl=cfg.hl.enabled,
+                        detach_hl_features=cfg.hl.detach_features)
     model = _convert_norm(model, cfg.train.norm, info).to(device)
     if cfg.train.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -306,5 +305,5 @@ def _log_panel_only(model, val_set, cfg, device, classes, tracker, it, amp):
     eval_cfg = {**_plain(cfg.eval), "hl_auroc": False}
     result = evaluate(model, subset, OmegaConf.create(eval_cfg), cfg.data, device, classes, amp=amp,
                       num_panel=cfg.eval.num_hl_maps, hl_offset=cfg.hl.offset)
-    p = result["panel"]
-    tracker.log_hl_maps(it, p["images"], p["hl"], p["labels"], p["preds"], hard=p["hard"])
+    if (p := result["panel"]) is not None:  # only rank 0 collects the panel
+        tracker.log_hl_maps(it, p["images"], p["hl"], p["labels"], p["preds"], hard=p["hard"])
