@@ -17,10 +17,6 @@ from omegaconf import DictConfig, OmegaConf
 from .config_checks import ConfigError, check_config
 from .report import comparison_table
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-# The config's hydra.searchpath points here so experiment=<name> finds experiments/experiment/<name>.yaml.
-os.environ.setdefault("HLBENCH_EXPERIMENTS_DIR", str(EXPERIMENTS_DIR))
-
 log = logging.getLogger("hlbench")
 
 

@@ -7,7 +7,6 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-import hlbench.run  # noqa: F401  (sets HLBENCH_EXPERIMENTS_DIR for the config search path)
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
