@@ -6,7 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hlbench.data import build_datasets
+from hlbench.data import build_datasets, worker_init_fn
 from hlbench.data.synthetic import (CLASSES, CONFUSABLE_PAIRS, HARD_BITS, PALETTE, POLE, SKY, SMALL_CLASSES,
                                     THIN_CLASSES, WIRE, SyntheticStreets, generate_scene)
 
@@ -128,6 +128,19 @@ def test_train_items_are_reproducible_given_the_torch_seed():
     other = build_datasets(small_config(), seed=1)["train"]
     torch.manual_seed(5)
     assert not torch.equal(a["img"], other[0]["img"])
+
+
+def test_dataloader_workers_reproduce_batches_given_the_loader_generator():
+    dataset = build_datasets(small_config(), seed=0)["train"]
+
+    def first_batch():
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, shuffle=True, num_workers=2,
+                                             worker_init_fn=worker_init_fn,
+                                             generator=torch.Generator().manual_seed(11))
+        return next(iter(loader))
+
+    a, b = first_batch(), first_batch()
+    assert torch.equal(a["img"], b["img"]) and torch.equal(a["index"], b["index"])
 
 
 def test_build_datasets_rejects_unknown_names_and_class_counts():

@@ -165,7 +165,7 @@ def _draw_ground(cv: _Canvas, st: _Street, rng: np.random.Generator) -> None:
         dc = (cv.h - st.hy) * rng.uniform(0.05, 0.6)
         left_outer = st.vx - (st.kl + st.sl) * dc
         right_outer = st.vx + (st.kr + st.sr) * dc
-        ax, ay = rng.uniform(0.15, 0.4), dc * rng.uniform(0.2, 0.5) + 1
+        fx, ay = rng.uniform(0.15, 0.4), dc * rng.uniform(0.2, 0.5) + 1
         if rng.integers(2):
             span = left_outer
             cx = span * rng.uniform(0.3, 0.7)
@@ -173,7 +173,7 @@ def _draw_ground(cv: _Canvas, st: _Street, rng: np.random.Generator) -> None:
             span = cv.w - right_outer
             cx = right_outer + span * rng.uniform(0.3, 0.7)
         if span >= 4:
-            cv2.ellipse(ids, (int(cx), int(st.hy + dc)), (max(1, int(span * ax)), int(ay)), 0, 0, 360,
+            cv2.ellipse(ids, (int(cx), int(st.hy + dc)), (max(1, int(span * fx)), int(ay)), 0, 0, 360,
                         VEGETATION, -1)
 
 
@@ -347,12 +347,16 @@ def _render(cv: _Canvas, st: _Street, style: dict, rng: np.random.Generator) -> 
     return (img + 0.5).astype(np.uint8), label
 
 
-def generate_scene(size: tuple[int, int], seed: int, split: str, index: int, domain: str = "source"):
-    """One scene as (RGB uint8 H×W×3, label uint8 H×W, hard uint8 H×W); unlabeled: label 255, hard 0."""
+def _check_split_domain(split: str, domain: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
     if domain not in STYLES:
         raise ValueError(f"synthetic domain must be one of {DOMAINS}, got {domain!r}")
+
+
+def generate_scene(size: tuple[int, int], seed: int, split: str, index: int, domain: str = "source"):
+    """One scene as (RGB uint8 H×W×3, label uint8 H×W, hard uint8 H×W); unlabeled: label 255, hard 0."""
+    _check_split_domain(split, domain)
     h, w = (int(v) for v in size)
     if h < 16 or w < 16:
         raise ValueError(f"synthetic size must be at least 16x16 [H, W], got {list(size)}")
@@ -377,10 +381,7 @@ class SyntheticStreets(Dataset):
 
     def __init__(self, split: str, num_images: int, size=(160, 160), seed: int = 0, domain: str = "source",
                  transform=None, aug_seed: int = 0):
-        if split not in SPLITS:
-            raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
-        if domain not in STYLES:
-            raise ValueError(f"synthetic domain must be one of {DOMAINS}, got {domain!r}")
+        _check_split_domain(split, domain)
         if num_images < 1:
             raise ValueError(f"synthetic num_images must be >= 1, got {num_images}")
         self.split, self.num_images, self.size = split, int(num_images), tuple(int(v) for v in size)

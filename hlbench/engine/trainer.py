@@ -188,13 +188,13 @@ def _train_loop(cfg, run_dir, info, meta, hooks, tracker, model, optimizer, meth
     report_classes = list(cfg.data.get("report_classes") or [])
 
     def run_eval(it: int, num_panel: int) -> dict:
+        t0 = time.perf_counter()
         result = evaluate(model, val_set, cfg.eval, cfg.data, device, classes, amp=amp, num_panel=num_panel,
                           hl_offset=cfg.hl.offset)
-        tracker.log("val", it, {**result["metrics"], "hl_auroc": result["hl_auroc"]})
+        tracker.log("val", it, {**result["metrics"], "hl_auroc": result["hl_auroc"],
+                                "eval_time": time.perf_counter() - t0})
         tracker.log_class_iou(it, {c: result["metrics"][f"IoU.{c}"] for c in classes})
-        if result["panel"] is not None:
-            p = result["panel"]
-            tracker.log_hl_maps(it, p["images"], p["hl"], p["labels"], p["preds"], hard=p["hard"])
+        _log_panel(tracker, run_dir, it, result["panel"])
         return result
 
     model.train()
@@ -245,11 +245,14 @@ def _train_loop(cfg, run_dir, info, meta, hooks, tracker, model, optimizer, meth
                             step=f"{record['time']:.3f}s")
             window = {"data": 0.0, "start": time.perf_counter(), "n": 0, "logs": {}}
 
+        t_eval = time.perf_counter()
         if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done != total:
             last_eval = (done, run_eval(done, cfg.eval.num_hl_maps))
             best = _update_best(best, done, last_eval[1]["metrics"], protocol, classes, ckpt_dir, model, info)
         elif cfg.train.hl_map_interval and done % cfg.train.hl_map_interval == 0 and done != total and cfg.hl.enabled:
-            _log_panel_only(model, val_set, cfg, device, classes, tracker, done, amp)
+            _log_panel_only(model, val_set, cfg, device, classes, tracker, done, amp, run_dir)
+        # The logged `time` is the training step alone; evaluations report their own eval_time.
+        window["start"] += time.perf_counter() - t_eval
 
         if (cfg.train.ckpt_interval and done % cfg.train.ckpt_interval == 0) or done == total:
             if info.is_main:
@@ -299,11 +302,22 @@ def _update_best(best, it, metrics, protocol, classes, ckpt_dir, model, info):
 
 
 @torch.no_grad()
-def _log_panel_only(model, val_set, cfg, device, classes, tracker, it, amp):
+def _log_panel_only(model, val_set, cfg, device, classes, tracker, it, amp, run_dir):
     """HL-map snapshot between evaluations, on the same fixed val images as the evaluation panel."""
     subset = Subset(val_set, list(range(min(cfg.eval.num_hl_maps, len(val_set)))))
     eval_cfg = {**_plain(cfg.eval), "hl_auroc": False}
     result = evaluate(model, subset, OmegaConf.create(eval_cfg), cfg.data, device, classes, amp=amp,
                       num_panel=cfg.eval.num_hl_maps, hl_offset=cfg.hl.offset)
-    if (p := result["panel"]) is not None:  # only rank 0 collects the panel
-        tracker.log_hl_maps(it, p["images"], p["hl"], p["labels"], p["preds"], hard=p["hard"])
+    _log_panel(tracker, run_dir, it, result["panel"])
+
+
+def _log_panel(tracker, run_dir, it, panel) -> None:
+    """HL-map panel image (+W&B), and the raw HL and CE-loss maps of the same fixed images for stability analysis."""
+    if panel is None:  # only rank 0 collects the panel
+        return
+    tracker.log_hl_maps(it, panel["images"], panel["hl"], panel["labels"], panel["preds"], hard=panel["hard"])
+    if panel["hl"] is not None:
+        (Path(run_dir) / "hl_maps").mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(Path(run_dir) / "hl_maps" / f"maps_{it:06d}.npz", hl=panel["hl"].numpy().astype(np.float16),
+                            loss=panel["loss"].numpy().astype(np.float16), label=panel["labels"].numpy().astype(np.uint8),
+                            hard=panel["hard"].numpy())
