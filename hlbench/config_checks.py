@@ -28,6 +28,18 @@ class ConfigError(ValueError):
     """A bad configuration value; reported as one line naming the key."""
 
 
+# The authors' HL knobs (method.md §13); runs matching all of them are tagged hl_variant:reference.
+HL_REFERENCE = {"lam": 0.01, "offset": 0.1, "scope": "batch", "ignore": "keep", "detach_features": True,
+                "weight_aux": False, "lr_mult": 1.0}
+
+
+def hl_variant(cfg) -> str:
+    """"reference" when every HL knob equals the authors' code, else "custom"; "off" without HL."""
+    if not cfg.hl.enabled:
+        return "off"
+    return "reference" if all(cfg.hl[k] == v for k, v in HL_REFERENCE.items()) else "custom"
+
+
 def _get(cfg, key):
     node = cfg
     for part in key.split("."):

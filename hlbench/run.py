@@ -14,7 +14,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config_checks import ConfigError, check_config
+from .config_checks import ConfigError, check_config, hl_variant
 from .report import comparison_table
 
 log = logging.getLogger("hlbench")
@@ -60,7 +60,8 @@ def run_experiment(cfg: DictConfig, experiment: str, suite: str | None, profile:
     info = init_distributed(cfg.device)
     run_dir = run_dir_for(cfg, experiment, suite, profile, int(cfg.seed))
     meta = {"experiment": experiment, "suite": suite, "name": f"{experiment}-s{cfg.seed}",
-            "tags": [cfg.model.name, cfg.data.name, "hl" if cfg.hl.enabled else "baseline", cfg.setting]
+            "tags": [cfg.model.name, cfg.data.name, "hl" if cfg.hl.enabled else "baseline", cfg.setting,
+                     f"hl_variant:{hl_variant(cfg)}"]
             + ([f"profile:{profile}"] if profile else [])}
     if info.is_main:
         log.info("run folder: %s", run_dir)

@@ -81,8 +81,9 @@ panels = [(exp, seed, pngs[-1]) for exp, seed, pngs in panels if pngs]
 if not panels:
     print("no HL-map panels (no HL run, or train.hl_map_interval never reached)")
 for exp, seed, png in panels:
-    fig, ax = plt.subplots(figsize=(12, 4))
-    ax.imshow(plt.imread(png))
+    img = plt.imread(png)
+    fig, ax = plt.subplots(figsize=(8, 8 * img.shape[0] / img.shape[1] + 0.4))  # panel's own aspect, legible
+    ax.imshow(img)
     ax.set_title(f"{exp} seed {seed}: {png.name}")
     ax.axis("off")
     plt.show()

@@ -60,3 +60,11 @@ def test_bad_value_names_the_key(hydra_ctx, override, key):
     cfg = compose("config", overrides=[override])
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         check_config(cfg)
+
+
+def test_hl_variant_tag(hydra_ctx):
+    from hlbench.config_checks import hl_variant
+    assert hl_variant(compose("config", overrides=["hl.enabled=true"])) == "reference"
+    assert hl_variant(compose("config", overrides=["hl.scope=image"])) == "custom"
+    assert hl_variant(compose("config", overrides=["experiment=smoke/hl"])) == "custom"
+    assert hl_variant(compose("config", overrides=["experiment=smoke/baseline"])) == "off"

@@ -38,7 +38,8 @@ def smoke_runs(tmp_path_factory):
 def _execute(runs_dir, monkeypatch):
     """Run the notebook in a fresh kernel (the venv's python3) with HLBENCH_RUNS set; returns all text output."""
     monkeypatch.setenv("HLBENCH_RUNS", str(runs_dir))
-    monkeypatch.setenv("MPLBACKEND", "agg")
+    # The kernel picks the inline backend (figures become image/png outputs) unless a backend is forced.
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]

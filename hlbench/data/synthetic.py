@@ -389,6 +389,7 @@ class SyntheticStreets(Dataset):
         self.transform = transform if transform is not None else Compose([ToTensor()])
         self.classes = list(CLASSES)
         self.palette = [tuple(c) for c in PALETTE]
+        self.hard_bits = dict(HARD_BITS)
 
     def __len__(self) -> int:
         return self.num_images

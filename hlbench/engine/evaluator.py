@@ -43,7 +43,8 @@ def evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_nam
              *, amp: bool = False, num_panel: int = 0, hl_offset: float = 0.1) -> dict:
     """Evaluate `model` (unwrapped Segmentor) on `dataset` with the recipe's protocol.
 
-    Returns {"metrics": mmseg-style dict, "hl_auroc": float|None, "panel": dict of the first images or None}.
+    Returns {"metrics": mmseg-style dict, "hl_auroc": float|None, "hl_auroc_kinds": {"hl_auroc.<kind>": ...},
+    "panel": dict of the first images or None}.
     Under DDP every rank scores its shard; the confusion matrix and AUROC samples are reduced over ranks.
     """
     was_training = model.training
@@ -81,9 +82,10 @@ def evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_nam
                          "loss": pixel_cross_entropy(logits[:k], label[:k], data_cfg.ignore_index).cpu()}
     cm.all_reduce()
     metrics = cm.compute(class_names)
-    auroc = _reduce_auroc(scores, targets) if score_hl else None
+    auroc = _hardness_aurocs(scores, targets, getattr(dataset, "hard_bits", {}),
+                             data_cfg.get("hard_kinds")) if score_hl else {}
     model.train(was_training)
-    return {"metrics": metrics, "hl_auroc": auroc, "panel": panel}
+    return {"metrics": metrics, "hl_auroc": auroc.get("hl_auroc"), "hl_auroc_kinds": auroc, "panel": panel}
 
 
 def _sample_auroc_pixels(hl, hard, label, index, ignore_index, scores, targets) -> None:
@@ -95,16 +97,34 @@ def _sample_auroc_pixels(hl, hard, label, index, ignore_index, scores, targets) 
         g = torch.Generator().manual_seed(int(index[i]))
         pick = valid[torch.randperm(valid.numel(), generator=g)[:_AUROC_PIXELS_PER_IMAGE].to(valid.device)]
         scores.append(hl[i].flatten()[pick].cpu())
-        targets.append((hard[i].flatten()[pick] > 0).cpu())
+        targets.append(hard[i].flatten()[pick].cpu())
 
 
-def _reduce_auroc(scores, targets) -> float | None:
-    local = (torch.cat(scores), torch.cat(targets)) if scores else (torch.empty(0), torch.empty(0, dtype=torch.bool))
+def _hardness_aurocs(scores, hard_values, bits: dict, hard_kinds) -> dict:
+    """AUROC of the HL map for "hard" pixels (any of `hard_kinds`) vs pixels of no kind, and per kind.
+
+    Pixels of other kinds only are left out of the headline value: they are neither hard nor easy by definition.
+    """
+    local = (torch.cat(scores), torch.cat(hard_values)) if scores else (torch.empty(0), torch.empty(0, dtype=torch.uint8))
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, local)
         local = (torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]))
-    if local[0].numel() == 0:
-        return None
-    value = binary_auroc(*local)
-    return None if math.isnan(value) else value
+    score, hard = local[0], local[1].to(torch.int64)
+    if score.numel() == 0 or not bits:
+        return {}
+    unknown = set(hard_kinds or []) - set(bits)
+    if unknown:
+        raise ValueError(f"data.hard_kinds has {sorted(unknown)}; the data set's kinds are {sorted(bits)}")
+    easy = hard == 0
+
+    def auroc(mask_bits: int):
+        positive = (hard & mask_bits) > 0
+        keep = positive | easy
+        value = binary_auroc(score[keep], positive[keep])
+        return None if math.isnan(value) else value
+
+    out = {f"hl_auroc.{kind}": auroc(bit) for kind, bit in bits.items()}
+    kinds = hard_kinds or list(bits)
+    out["hl_auroc"] = auroc(sum(bits[k] for k in kinds))
+    return out

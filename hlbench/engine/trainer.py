@@ -191,7 +191,7 @@ def _train_loop(cfg, run_dir, info, meta, hooks, tracker, model, optimizer, meth
         t0 = time.perf_counter()
         result = evaluate(model, val_set, cfg.eval, cfg.data, device, classes, amp=amp, num_panel=num_panel,
                           hl_offset=cfg.hl.offset)
-        tracker.log("val", it, {**result["metrics"], "hl_auroc": result["hl_auroc"],
+        tracker.log("val", it, {**result["metrics"], **result["hl_auroc_kinds"],
                                 "eval_time": time.perf_counter() - t0})
         tracker.log_class_iou(it, {c: result["metrics"][f"IoU.{c}"] for c in classes})
         _log_panel(tracker, run_dir, it, result["panel"])
@@ -277,6 +277,8 @@ def _train_loop(cfg, run_dir, info, meta, hooks, tracker, model, optimizer, meth
         "final": _summary_entry(total, final["metrics"], protocol, f"final (iter {total})", classes),
         "best": best,
         "hl_auroc": final["hl_auroc"],
+        "hl_auroc_kinds": final["hl_auroc_kinds"],
+        "hard_kinds": list(cfg.data.get("hard_kinds") or []),
         "report_classes": report_classes,
         "report_IoU": _report_iou(final["metrics"], report_classes),
         "paper": _plain(cfg.paper),
