@@ -123,3 +123,14 @@ def test_ddp_two_processes_with_gloo(tmp_path):
     summary = json.loads((tmp_path / "runs/smoke-hl-smoke/seed0/summary.json").read_text())
     assert summary["batch"] == {"global": 4, "per_device": 2, "accumulation": 1, "world_size": 2}
     assert len(list(tmp_path.glob("runs/*/*"))) == 1
+
+
+def test_evaluation_cadence_does_not_change_training(hydra_ctx, tmp_path):
+    over = TINY + ["experiment=smoke/hl", "train.iters=4"]
+    quiet = run_experiment(compose_run(over + ["train.hl_map_interval=0", "train.eval_interval=0"],
+                                       tmp_path / "a")[0], "smoke/hl", None, None)
+    busy = run_experiment(compose_run(over + ["train.hl_map_interval=1", "train.eval_interval=2"],
+                                      tmp_path / "b")[0], "smoke/hl", None, None)
+    a = torch.load(Path(quiet["run_dir"]) / "checkpoints/iter_000004.pth", weights_only=False)["model"]
+    b = torch.load(Path(busy["run_dir"]) / "checkpoints/iter_000004.pth", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -52,7 +52,10 @@ def evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_nam
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     shard = Subset(dataset, list(range(rank, len(dataset), world)))
-    loader = DataLoader(shard, batch_size=eval_cfg.batch_size, collate_fn=list, num_workers=0)
+    # Its own generator: a DataLoader otherwise draws its seed from the global RNG, and evaluating would shift
+    # the training run's dropout stream (results would depend on the evaluation cadence).
+    loader = DataLoader(shard, batch_size=eval_cfg.batch_size, collate_fn=list, num_workers=0,
+                        generator=torch.Generator())
     cm = ConfusionMatrix(len(class_names), data_cfg.ignore_index, device=device)
     has_hl = getattr(model, "hl_head", None) is not None
     score_hl = has_hl and eval_cfg.hl_auroc

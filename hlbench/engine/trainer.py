@@ -105,221 +105,253 @@ def train(cfg, run_dir: Path, info: DistInfo, meta: dict, hooks: dict | None = N
         meta: run identity for tracking: experiment, suite, name, tags.
         hooks: test seam, e.g. {"stop_after": k} stops (as a killed job would) right after iteration k.
     """
-    hooks = hooks or {}
-    torch.manual_seed(cfg.seed + info.rank)
-    np.random.seed(cfg.seed + info.rank)
-    random.seed(cfg.seed + info.rank)
-    device = info.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
-
-    datasets = build_datasets(cfg.data, cfg.seed)
-    train_set, val_set = datasets["train"], datasets["val"]
-    classes = list(train_set.classes)
-    model = build_model(cfg.model, num_classes=len(classes), hl=cfg.hl.enabled,
-                        detach_hl_features=cfg.hl.detach_features)
-    model = _convert_norm(model, cfg.train.norm, info).to(device)
-    if cfg.train.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    method = build_method(cfg, cfg.data.ignore_index)
-    optimizer = build_optimizer(model, cfg.optim, cfg.hl.lr_mult)
-
-    start_it, best, state = 0, None, None
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if cfg.resume and (latest := ckpt.latest_checkpoint(ckpt_dir)) is not None:
-        state = ckpt.load_state(latest)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_it, best = state["iter"], state.get("best")
-        log.info("resumed from %s (iteration %d)", latest, start_it)
-    elif cfg.init_from:
-        path = Path(cfg.init_from)
-        weights = ckpt.model_weights(ckpt.load_state(path), path)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        log.info("init_from %s: %d tensors loaded, missing %s, unexpected %s", path,
-                 len(weights) - len(unexpected), list(missing), list(unexpected))
-    per_device, accum = plan_batch(cfg.train.batch_size, info.world_size, cfg.train.max_batch_per_device)
-    tracker = Tracker(run_dir, cfg, logger=cfg.logger.name, project=cfg.logger.project, group=meta["suite"],
-                      job_type=cfg.setting, tags=meta["tags"], name=meta["name"], class_names=classes,
-                      palette=getattr(train_set, "palette", None), rank=info.rank,
-                      resumed_from=start_it if state is not None else None,
-                      env_extra={"world_size": info.world_size, "seed": int(cfg.seed), "global_batch":
-                                 int(cfg.train.batch_size), "per_device_batch": per_device, "accumulation": accum})
+    trainer = Trainer(cfg, Path(run_dir), info, meta)
     try:
-        return _train_loop(cfg, run_dir, info, meta, hooks, tracker, model, optimizer, method, train_set, val_set,
-                           classes, start_it, best, state, per_device, accum)
+        return trainer.fit(hooks or {})
     except BaseException:
-        tracker.finish(exit_code=1)
+        trainer.tracker.finish(exit_code=1)
         raise
 
 
-def _train_loop(cfg, run_dir, info, meta, hooks, tracker, model, optimizer, method, train_set, val_set, classes,
-                start_it, best, state, per_device, accum):
-    device = info.device
-    total = int(cfg.train.iters)
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if state is not None:
-        ckpt.set_rng_state(state["rng"])
+class Trainer:
+    """One run: builds data, model, method and optimiser from the config, resumes, trains, evaluates, records."""
 
-    if info.is_main:
+    def __init__(self, cfg, run_dir: Path, info: DistInfo, meta: dict):
+        self.cfg, self.run_dir, self.info, self.meta = cfg, run_dir, info, meta
+        self.device = info.device
+        self.ckpt_dir = run_dir / "checkpoints"
+        torch.manual_seed(cfg.seed + info.rank)
+        np.random.seed(cfg.seed + info.rank)
+        random.seed(cfg.seed + info.rank)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+
+        datasets = build_datasets(cfg.data, cfg.seed)
+        self.train_set, self.val_set = datasets["train"], datasets["val"]
+        self.classes = list(self.train_set.classes)
+        model = build_model(cfg.model, num_classes=len(self.classes), hl=cfg.hl.enabled,
+                            detach_hl_features=cfg.hl.detach_features)
+        self.model = _convert_norm(model, cfg.train.norm, info).to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.method = build_method(cfg, cfg.data.ignore_index)
+        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.hl.lr_mult)
+        self.per_device, self.accum = plan_batch(cfg.train.batch_size, info.world_size,
+                                                 cfg.train.max_batch_per_device)
+        self.total = int(cfg.train.iters)
+        self.amp = bool(cfg.train.amp)
+        self.protocol = protocol_of(cfg.eval)
+        self.start_it, self.best, rng = self._restore()
+        self.tracker = Tracker(
+            run_dir, cfg, logger=cfg.logger.name, project=cfg.logger.project, group=meta["suite"],
+            job_type=cfg.setting, tags=meta["tags"], name=meta["name"], class_names=self.classes,
+            palette=getattr(self.train_set, "palette", None), rank=info.rank,
+            resumed_from=self.start_it if rng is not None else None,
+            env_extra={"world_size": info.world_size, "seed": int(cfg.seed), "global_batch": int(cfg.train.batch_size),
+                       "per_device_batch": self.per_device, "accumulation": self.accum})
+        if rng is not None:
+            ckpt.set_rng_state(rng)
+
+    @property
+    def channels_last(self) -> bool:
+        return bool(self.cfg.train.channels_last) and self.device.type == "cuda"
+
+    def _restore(self):
+        """resume=true: full state from the newest checkpoint; init_from: weights only. Returns (iter, best, rng)."""
+        cfg = self.cfg
+        if cfg.resume and (latest := ckpt.latest_checkpoint(self.ckpt_dir)) is not None:
+            state = ckpt.load_state(latest)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            log.info("resumed from %s (iteration %d)", latest, state["iter"])
+            return state["iter"], state.get("best"), state["rng"]
+        if cfg.init_from:
+            path = Path(cfg.init_from)
+            weights = ckpt.model_weights(ckpt.load_state(path), path)
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            log.info("init_from %s: %d tensors loaded, missing %s, unexpected %s", path,
+                     len(weights) - len(unexpected), list(missing), list(unexpected))
+        return 0, None, None
+
+    def _loader(self):
+        workers = int(self.cfg.train.num_workers)
+        sampler = InfiniteShardedSampler(len(self.train_set), self.cfg.seed, self.info.rank, self.info.world_size,
+                                         start=self.start_it * self.accum * self.per_device)
+        return DataLoader(SeededSamples(self.train_set), batch_size=self.per_device, sampler=sampler,
+                          num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=True,
+                          worker_init_fn=worker_init_fn, persistent_workers=workers > 0,
+                          prefetch_factor=4 if workers else None,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))
+
+    def _announce(self) -> None:
+        cfg = self.cfg
         log.info("global batch %d = %d device(s) x %d per device x %d accumulation step(s); lr %g; %d iterations "
-                 "(%d done)", cfg.train.batch_size, info.world_size, per_device, accum, cfg.optim.lr, total, start_it)
-        if accum > 1:
-            log.warning("gradient accumulation: BatchNorm statistics come from batches of %d, not %d", per_device,
-                        cfg.train.batch_size // info.world_size)
+                 "(%d done)", cfg.train.batch_size, self.info.world_size, self.per_device, self.accum, cfg.optim.lr,
+                 self.total, self.start_it)
+        if self.accum > 1:
+            log.warning("gradient accumulation: BatchNorm statistics come from batches of %d, not %d",
+                        self.per_device, cfg.train.batch_size // self.info.world_size)
 
-    train_model = model
-    if cfg.train.compile:
-        train_model = torch.compile(model)
-    if info.world_size > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    def _to_device(self, batch) -> dict:
+        img = normalize_batch(batch["img"].to(self.device, non_blocking=True), self.cfg.data.mean,
+                              self.cfg.data.std, img_hw=batch["img_hw"].to(self.device))
+        if self.channels_last:
+            img = img.contiguous(memory_format=torch.channels_last)
+        return {"img": img, "label": batch["label"].to(self.device, non_blocking=True)}
 
-    sampler = InfiniteShardedSampler(len(train_set), cfg.seed, info.rank, info.world_size,
-                                     start=start_it * accum * per_device)
-    workers = int(cfg.train.num_workers)
-    loader = DataLoader(SeededSamples(train_set), batch_size=per_device, sampler=sampler, num_workers=workers,
-                        pin_memory=device.type == "cuda", drop_last=True, worker_init_fn=worker_init_fn,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    batches = iter(loader)
+    def fit(self, hooks: dict) -> dict:
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            self._announce()
+        train_model = torch.compile(self.model) if cfg.train.compile else self.model
+        if info.world_size > 1:
+            train_model = DistributedDataParallel(
+                train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        batches = iter(self._loader())
+        window = _Window()
+        bar = tqdm(total=self.total, initial=self.start_it, disable=not info.is_main, desc=self.meta["name"],
+                   dynamic_ncols=True, mininterval=5)
+        train_start = time.perf_counter()
+        self.model.train()
+        for it in range(self.start_it, self.total):
+            lr = lr_at(it, self.total, cfg.optim)
+            set_lr(self.optimizer, lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            for micro in range(self.accum):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                window.data += time.perf_counter() - t0
+                # Under DDP, gradients are all-reduced only on the last accumulation step.
+                sync = micro == self.accum - 1 or info.world_size == 1
+                with (nullcontext() if sync else train_model.no_sync()), _autocast(self.device, self.amp):
+                    loss, logs = self.method(train_model, self._to_device(batch))
+                (loss / self.accum).backward()
+                window.add(logs, self.accum)
+            if cfg.train.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+            self.optimizer.step()
+            done = it + 1
+            window.n += 1
+            bar.update(1)
+            if done % cfg.train.log_interval == 0 or done == self.total:
+                record = window.record(lr, done, self.device)
+                self.tracker.log("train", done, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", data=f"{record['data_time']:.3f}s",
+                                step=f"{record['time']:.3f}s")
+                window = _Window()
+            t_eval = time.perf_counter()
+            if done < self.total and _every(cfg.train.eval_interval, done):
+                self._update_best(done, self.evaluate(done)["metrics"])
+            elif done < self.total and cfg.hl.enabled and _every(cfg.train.hl_map_interval, done):
+                self._hl_snapshot(done)
+            # The logged `time` is the training step alone; evaluations report their own eval_time.
+            window.start += time.perf_counter() - t_eval
+            if _every(cfg.train.ckpt_interval, done) or done == self.total:
+                self._save(done)
+            if hooks.get("stop_after") == done:
+                bar.close()
+                self.tracker.finish(exit_code=1)
+                return {"stopped_at": done}
+        bar.close()
+        return self._finish(time.perf_counter() - train_start)
 
-    protocol = protocol_of(cfg.eval)
-    amp = bool(cfg.train.amp)
-    report_classes = list(cfg.data.get("report_classes") or [])
-
-    def run_eval(it: int, num_panel: int) -> dict:
+    def evaluate(self, it: int, dataset=None, score_hl: bool = True) -> dict:
+        """The recipe's protocol on `dataset` (default: val), logged as a val line plus the HL-map panel."""
         t0 = time.perf_counter()
-        result = evaluate(model, val_set, cfg.eval, cfg.data, device, classes, amp=amp, num_panel=num_panel,
-                          hl_offset=cfg.hl.offset)
-        tracker.log("val", it, {**result["metrics"], **result["hl_auroc_kinds"],
-                                "eval_time": time.perf_counter() - t0})
-        tracker.log_class_iou(it, {c: result["metrics"][f"IoU.{c}"] for c in classes})
-        _log_panel(tracker, run_dir, it, result["panel"])
+        eval_cfg = self.cfg.eval if score_hl else OmegaConf.create({**_plain(self.cfg.eval), "hl_auroc": False})
+        result = evaluate(self.model, dataset or self.val_set, eval_cfg, self.cfg.data, self.device, self.classes,
+                          amp=self.amp, num_panel=self.cfg.eval.num_hl_maps, hl_offset=self.cfg.hl.offset)
+        if dataset is None:
+            self.tracker.log("val", it, {**result["metrics"], **result["hl_auroc_kinds"],
+                                         "eval_time": time.perf_counter() - t0})
+            self.tracker.log_class_iou(it, {c: result["metrics"][f"IoU.{c}"] for c in self.classes})
+        self._log_panel(it, result["panel"])
         return result
 
-    model.train()
-    window = {"data": 0.0, "start": time.perf_counter(), "n": 0, "logs": {}}
-    bar = tqdm(total=total, initial=start_it, disable=not info.is_main, desc=meta["name"], dynamic_ncols=True,
-               mininterval=5)
-    train_start = time.perf_counter()
-    last_eval = None
-    for it in range(start_it, total):
-        lr = lr_at(it, total, cfg.optim)
-        set_lr(optimizer, lr)
-        optimizer.zero_grad(set_to_none=True)
-        for micro in range(accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            window["data"] += time.perf_counter() - t0
-            img = normalize_batch(batch["img"].to(device, non_blocking=True), cfg.data.mean, cfg.data.std,
-                                  img_hw=batch["img_hw"].to(device))
-            if cfg.train.channels_last and device.type == "cuda":
-                img = img.contiguous(memory_format=torch.channels_last)
-            batch = {"img": img, "label": batch["label"].to(device, non_blocking=True)}
-            sync = micro == accum - 1 or info.world_size == 1
-            ctx = train_model.no_sync() if not sync else nullcontext()
-            with ctx, _autocast(device, amp):
-                loss, logs = method(train_model, batch)
-            (loss / accum).backward() if not amp else (loss.float() / accum).backward()
-            for k, v in logs.items():
-                window["logs"][k] = window["logs"].get(k, 0.0) + v.detach().float() / accum
-        if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        window["n"] += 1
-        done = it + 1
-        bar.update(1)
+    def _hl_snapshot(self, it: int) -> None:
+        """HL-map snapshot between evaluations, on the same fixed val images as the evaluation panel."""
+        fixed = Subset(self.val_set, list(range(min(self.cfg.eval.num_hl_maps, len(self.val_set)))))
+        self.evaluate(it, dataset=fixed, score_hl=False)
 
-        if done % cfg.train.log_interval == 0 or done == total:
-            means = all_reduce_mean({k: v / window["n"] for k, v in window["logs"].items()})
-            if not all(math.isfinite(float(v)) for v in means.values()):
-                raise FloatingPointError(f"non-finite loss at iteration {done}: "
-                                         f"{ {k: float(v) for k, v in means.items()} }")
-            elapsed = time.perf_counter() - window["start"]
-            record = {"lr": lr, "data_time": window["data"] / window["n"], "time": elapsed / window["n"],
-                      **{k: float(v) for k, v in means.items()}}
-            if device.type == "cuda":
-                record["memory"] = int(torch.cuda.max_memory_allocated(device) / 2**20)
-            tracker.log("train", done, record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", data=f"{record['data_time']:.3f}s",
-                            step=f"{record['time']:.3f}s")
-            window = {"data": 0.0, "start": time.perf_counter(), "n": 0, "logs": {}}
+    def _log_panel(self, it: int, panel) -> None:
+        """HL-map panel image (+W&B), and the raw HL and CE-loss maps of those images for stability analysis."""
+        if panel is None:  # only rank 0 collects the panel
+            return
+        self.tracker.log_hl_maps(it, panel["images"], panel["hl"], panel["labels"], panel["preds"],
+                                 hard=panel["hard"])
+        if panel["hl"] is not None:
+            out = self.run_dir / "hl_maps"
+            out.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(out / f"maps_{it:06d}.npz", hl=panel["hl"].numpy().astype(np.float16),
+                                loss=panel["loss"].numpy().astype(np.float16),
+                                label=panel["labels"].numpy().astype(np.uint8), hard=panel["hard"].numpy())
 
-        t_eval = time.perf_counter()
-        if cfg.train.eval_interval and done % cfg.train.eval_interval == 0 and done != total:
-            last_eval = (done, run_eval(done, cfg.eval.num_hl_maps))
-            best = _update_best(best, done, last_eval[1]["metrics"], protocol, classes, ckpt_dir, model, info)
-        elif cfg.train.hl_map_interval and done % cfg.train.hl_map_interval == 0 and done != total and cfg.hl.enabled:
-            _log_panel_only(model, val_set, cfg, device, classes, tracker, done, amp, run_dir)
-        # The logged `time` is the training step alone; evaluations report their own eval_time.
-        window["start"] += time.perf_counter() - t_eval
+    def _save(self, it: int) -> None:
+        if self.info.is_main:
+            ckpt.atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "iter": it, "best": self.best, "rng": ckpt.rng_state()},
+                             self.ckpt_dir / f"iter_{it:06d}.pth")
+        barrier()
 
-        if (cfg.train.ckpt_interval and done % cfg.train.ckpt_interval == 0) or done == total:
-            if info.is_main:
-                ckpt.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iter": done,
-                                  "best": best, "rng": ckpt.rng_state()},
-                                 ckpt_dir / f"iter_{done:06d}.pth")
-            barrier()
-        if hooks.get("stop_after") == done:
-            bar.close()
-            tracker.finish(exit_code=1)
-            return {"stopped_at": done}
-    bar.close()
-    train_time = time.perf_counter() - train_start
+    def _update_best(self, it: int, metrics: dict) -> None:
+        """Keep the best evaluation so far and its weights (checkpoints/best.pth)."""
+        if self.best is not None and not metrics["mIoU"] > self.best["mIoU"]:
+            return
+        if self.info.is_main:
+            ckpt.atomic_save({"model": self.model.state_dict(), "iter": it}, self.ckpt_dir / "best.pth")
+        self.best = _summary_entry(it, metrics, self.protocol, f"checkpoints/best.pth (iter {it})", self.classes)
 
-    # The recipe's protocol on the final weights; the mmseg tables report this (LAST) value (results.md §1).
-    final = run_eval(total, cfg.eval.num_hl_maps) if start_it < total or last_eval is None else last_eval[1]
-    best = _update_best(best, total, final["metrics"], protocol, classes, ckpt_dir, model, info)
-    summary = {
-        "experiment": meta["experiment"], "suite": meta["suite"], "seed": int(cfg.seed), "iters": total,
-        "setting": cfg.setting, "hl": bool(cfg.hl.enabled), "model": cfg.model.name, "data": cfg.data.name,
-        "train_time_s": round(train_time, 2), "resumed_from": start_it or None,
-        "final": _summary_entry(total, final["metrics"], protocol, f"final (iter {total})", classes),
-        "best": best,
-        "hl_auroc": final["hl_auroc"],
-        "hl_auroc_kinds": final["hl_auroc_kinds"],
-        "hard_kinds": list(cfg.data.get("hard_kinds") or []),
-        "report_classes": report_classes,
-        "report_IoU": _report_iou(final["metrics"], report_classes),
-        "paper": _plain(cfg.paper),
-        "batch": {"global": int(cfg.train.batch_size), "per_device": per_device, "accumulation": accum,
-                  "world_size": info.world_size},
-    }
-    tracker.write_summary(summary)
-    tracker.finish(exit_code=0)
-    return summary
+    def _finish(self, train_time: float) -> dict:
+        """The recipe's protocol on the final weights (the mmseg tables report this LAST value, results.md §1)."""
+        cfg, total = self.cfg, self.total
+        final = self.evaluate(total)
+        self._update_best(total, final["metrics"])
+        report_classes = list(cfg.data.get("report_classes") or [])
+        summary = {
+            "experiment": self.meta["experiment"], "suite": self.meta["suite"], "seed": int(cfg.seed),
+            "iters": total, "setting": cfg.setting, "hl": bool(cfg.hl.enabled), "model": cfg.model.name,
+            "data": cfg.data.name, "train_time_s": round(train_time, 2), "resumed_from": self.start_it or None,
+            "final": _summary_entry(total, final["metrics"], self.protocol, f"final (iter {total})", self.classes),
+            "best": self.best,
+            "hl_auroc": final["hl_auroc"],
+            "hl_auroc_kinds": final["hl_auroc_kinds"],
+            "hard_kinds": list(cfg.data.get("hard_kinds") or []),
+            "report_classes": report_classes,
+            "report_IoU": _report_iou(final["metrics"], report_classes),
+            "paper": _plain(cfg.paper),
+            "batch": {"global": int(cfg.train.batch_size), "per_device": self.per_device,
+                      "accumulation": self.accum, "world_size": self.info.world_size},
+        }
+        self.tracker.write_summary(summary)
+        self.tracker.finish(exit_code=0)
+        return summary
+
+
+class _Window:
+    """Running sums of one logging window; losses stay on the device until the log point (no per-step sync)."""
+
+    def __init__(self):
+        self.data, self.start, self.n, self.logs = 0.0, time.perf_counter(), 0, {}
+
+    def add(self, logs: dict, accum: int) -> None:
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v.detach().float() / accum
+
+    def record(self, lr: float, it: int, device) -> dict:
+        means = all_reduce_mean({k: v / self.n for k, v in self.logs.items()})
+        values = {k: float(v) for k, v in means.items()}
+        if not all(math.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"non-finite loss at iteration {it}: {values}")
+        record = {"lr": lr, "data_time": self.data / self.n, "time": (time.perf_counter() - self.start) / self.n,
+                  **values}
+        if device.type == "cuda":
+            record["memory"] = int(torch.cuda.max_memory_allocated(device) / 2**20)
+        return record
+
+
+def _every(interval, it: int) -> bool:
+    return bool(interval) and it % interval == 0
 
 
 def _plain(node):
     return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
-
-def _update_best(best, it, metrics, protocol, classes, ckpt_dir, model, info):
-    """Keep the best evaluation so far and its weights (checkpoints/best.pth)."""
-    if best is not None and not metrics["mIoU"] > best["mIoU"]:
-        return best
-    if info.is_main:
-        ckpt.atomic_save({"model": model.state_dict(), "iter": it}, ckpt_dir / "best.pth")
-    return _summary_entry(it, metrics, protocol, f"checkpoints/best.pth (iter {it})", classes)
-
-
-@torch.no_grad()
-def _log_panel_only(model, val_set, cfg, device, classes, tracker, it, amp, run_dir):
-    """HL-map snapshot between evaluations, on the same fixed val images as the evaluation panel."""
-    subset = Subset(val_set, list(range(min(cfg.eval.num_hl_maps, len(val_set)))))
-    eval_cfg = {**_plain(cfg.eval), "hl_auroc": False}
-    result = evaluate(model, subset, OmegaConf.create(eval_cfg), cfg.data, device, classes, amp=amp,
-                      num_panel=cfg.eval.num_hl_maps, hl_offset=cfg.hl.offset)
-    _log_panel(tracker, run_dir, it, result["panel"])
-
-
-def _log_panel(tracker, run_dir, it, panel) -> None:
-    """HL-map panel image (+W&B), and the raw HL and CE-loss maps of the same fixed images for stability analysis."""
-    if panel is None:  # only rank 0 collects the panel
-        return
-    tracker.log_hl_maps(it, panel["images"], panel["hl"], panel["labels"], panel["preds"], hard=panel["hard"])
-    if panel["hl"] is not None:
-        (Path(run_dir) / "hl_maps").mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(Path(run_dir) / "hl_maps" / f"maps_{it:06d}.npz", hl=panel["hl"].numpy().astype(np.float16),
-                            loss=panel["loss"].numpy().astype(np.float16), label=panel["labels"].numpy().astype(np.uint8),
-                            hard=panel["hard"].numpy())
