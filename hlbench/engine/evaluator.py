@@ -38,8 +38,18 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
 
 
+def evaluate(model, dataset, *args, **kwargs) -> dict:
+    """Evaluate without touching the caller's RNG streams (see _evaluate for the arguments).
+
+    Data loading draws from torch's global RNG; forking it keeps training results independent of how often
+    a run evaluates.
+    """
+    with torch.random.fork_rng(devices=[]):
+        return _evaluate(model, dataset, *args, **kwargs)
+
+
 @torch.no_grad()
-def evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_names: list[str],
+def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_names: list[str],
              *, amp: bool = False, num_panel: int = 0, hl_offset: float = 0.1) -> dict:
     """Evaluate `model` (unwrapped Segmentor) on `dataset` with the recipe's protocol.
 
@@ -52,10 +62,7 @@ def evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_nam
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     shard = Subset(dataset, list(range(rank, len(dataset), world)))
-    # Its own generator: a DataLoader otherwise draws its seed from the global RNG, and evaluating would shift
-    # the training run's dropout stream (results would depend on the evaluation cadence).
-    loader = DataLoader(shard, batch_size=eval_cfg.batch_size, collate_fn=list, num_workers=0,
-                        generator=torch.Generator())
+    loader = DataLoader(shard, batch_size=eval_cfg.batch_size, collate_fn=list, num_workers=0)
     cm = ConfusionMatrix(len(class_names), data_cfg.ignore_index, device=device)
     has_hl = getattr(model, "hl_head", None) is not None
     score_hl = has_hl and eval_cfg.hl_auroc
