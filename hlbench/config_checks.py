@@ -5,13 +5,14 @@ Unknown keys are already rejected by Hydra (the composed config is in struct mod
 from __future__ import annotations
 
 from .hardness import IMAGE_REDUCTIONS, SCOPES
-from .losses import DENOMINATORS
+from .losses import DENOMINATORS, LOSS_NAMES
 
 CHOICES = {
     "hl.scope": SCOPES,
     "hl.image_reduce": IMAGE_REDUCTIONS,
     "hl.ignore": ("keep", "exclude"),
     "loss.ce_denominator": DENOMINATORS,
+    "loss.name": LOSS_NAMES,
     "optim.name": ("sgd", "adamw"),
     "train.norm": ("bn", "syncbn"),
     "eval.mode": ("whole", "slide"),

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from hlbench.models.heads import ASPPHead, DepthwiseSeparableASPPHead, FCNHead, PSPHead
+from hlbench.models.heads import (ASPPHead, CascadeHead, DepthwiseSeparableASPPHead, FCNHead, OCRHead, PSPHead,
+                                  UPerHead)
 
 CHANNELS = [16, 32, 64, 128]
 
@@ -89,3 +90,53 @@ def test_classifier_init_gives_near_zero_logits():
 def test_fcn_without_convs_needs_matching_channels():
     with pytest.raises(ValueError, match="in_channels == channels"):
         FCNHead(128, 16, 3, num_convs=0)
+
+
+def _pyramid(batch=2):
+    """An OS32 backbone tuple for a 64×64 input (UPerNet)."""
+    return tuple(torch.randn(batch, c, 16 // 2**i, 16 // 2**i) for i, c in enumerate(CHANNELS))
+
+
+def test_uper_head_shape_and_mmseg_keys():
+    head = UPerHead(CHANNELS, 16, 5, pool_scales=(1, 2, 3, 6), in_index=[0, 1, 2, 3])
+    assert head(_pyramid()).shape == (2, 5, 16, 16)
+    state = head.state_dict()
+    keys = ["psp_modules.3.1.conv.weight", "bottleneck.conv.weight", "lateral_convs.2.conv.weight",
+            "lateral_convs.0.bn.running_mean", "fpn_convs.2.conv.weight", "fpn_bottleneck.conv.weight",
+            "conv_seg.weight"]
+    assert all(k in state for k in keys), [k for k in keys if k not in state]
+    assert "lateral_convs.3.conv.weight" not in state and "fpn_convs.3.conv.weight" not in state
+    assert head.bottleneck.conv.weight.shape == (16, 128 + 4 * 16, 3, 3)
+    assert head.fpn_bottleneck.conv.weight.shape == (16, 4 * 16, 3, 3)
+    with pytest.raises(ValueError, match="in_index"):
+        UPerHead(CHANNELS[:3], 16, 5, in_index=[0, 1, 2, 3])
+
+
+def _ocr_cascade(n_out=5):
+    return CascadeHead([FCNHead(64, 8, 5, num_convs=1, concat_input=False, in_index=2),
+                        OCRHead(128, 16, n_out, ocr_channels=8, in_index=3)])
+
+
+def test_ocr_cascade_shapes_and_mmseg_keys():
+    cascade = _ocr_cascade()
+    stage0, out = cascade.stages(_features())
+    assert stage0.shape == out.shape == (2, 5, 8, 8) and cascade.num_classes == 5
+    cascade.eval()
+    feats = _features()
+    assert torch.equal(cascade(feats), cascade.stages(feats)[1])
+    state = cascade.state_dict()
+    keys = ["0.convs.0.conv.weight", "0.conv_seg.weight", "1.bottleneck.conv.weight",
+            "1.object_context_block.query_project.1.conv.weight", "1.object_context_block.key_project.0.bn.weight",
+            "1.object_context_block.value_project.conv.weight", "1.object_context_block.out_project.conv.weight",
+            "1.object_context_block.bottleneck.conv.weight", "1.conv_seg.bias"]
+    assert all(k in state for k in keys), [k for k in keys if k not in state]
+    assert not any("spatial_gather_module" in k for k in state)  # parameter-free, as in mmseg
+    assert cascade[1].object_context_block.bottleneck.conv.weight.shape == (16, 32, 1, 1)
+
+
+def test_ocr_stage1_depends_on_stage0_logits():
+    head = _ocr_cascade()[1].eval()
+    feats = _features()
+    a = head(feats, torch.zeros(2, 5, 8, 8))
+    b = head(feats, torch.randn(2, 5, 8, 8) * 5)
+    assert not torch.allclose(a, b)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import hlbench.models
 from hlbench.models import build_model
-from hlbench.models.heads import PSPHead
+from hlbench.models.heads import CascadeHead, PSPHead
 from hlbench.models.segmentor import Segmentor, window_starts
 
 MODEL_CONFIGS = sorted((Path(hlbench.models.__file__).parents[1] / "conf" / "model").glob("*.yaml"))
@@ -130,9 +130,15 @@ def test_every_model_config_builds():
         with torch.device("meta"):
             model = build_model(cfg, num_classes=19, hl=True)
         assert cfg.name == path.stem
-        assert model.decode_head.in_channels == model.backbone.out_channels[cfg.head.in_index]
-        assert model.auxiliary_head.in_channels == model.backbone.out_channels[cfg.aux.in_index]
-        assert model.hl_head.conv_seg.out_channels == 1 and model.decode_head.conv_seg.out_channels == 19
+        stages = list(model.decode_head) if isinstance(model.decode_head, CascadeHead) else [model.decode_head]
+        hl_last = model.hl_head[-1] if isinstance(model.hl_head, CascadeHead) else model.hl_head
+        in_channels = model.backbone.out_channels
+        index = OmegaConf.to_object(cfg.head)["in_index"]
+        assert stages[-1].in_channels == ([in_channels[i] for i in index] if isinstance(index, list) else
+                                          in_channels[index])
+        if cfg.aux.enabled:
+            assert model.auxiliary_head.in_channels == in_channels[cfg.aux.in_index]
+        assert hl_last.conv_seg.out_channels == 1 and all(s.conv_seg.out_channels == 19 for s in stages)
 
 
 def test_reference_model_widths():

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import torch
 
+from hlbench.data.ade20k import ADE20K, build_ade20k
+from hlbench.data.cityscapes import Cityscapes, build_cityscapes
+from hlbench.data.gta5 import GTA5, build_gta5_to_cityscapes
 from hlbench.data.synthetic import SyntheticStreets, build_synthetic
 from hlbench.data.transforms import build_test_pipeline, build_train_pipeline, sample_rng, worker_init_fn
 
-__all__ = ["DATASETS", "SyntheticStreets", "build_datasets", "build_test_pipeline", "build_train_pipeline",
+__all__ = ["ADE20K", "DATASETS", "GTA5", "Cityscapes", "SyntheticStreets", "build_datasets", "build_test_pipeline", "build_train_pipeline",
            "normalize_batch", "sample_rng", "worker_init_fn"]
 
-DATASETS = {"synthetic": build_synthetic}
+DATASETS = {"synthetic": build_synthetic, "cityscapes": build_cityscapes,
+            "gta5_to_cityscapes": build_gta5_to_cityscapes, "ade20k": build_ade20k}
 
 
 def build_datasets(data_cfg, seed: int) -> dict:

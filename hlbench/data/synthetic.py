@@ -18,8 +18,7 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from hlbench.data.transforms import (Compose, ToTensor, build_test_pipeline, build_train_pipeline,
-                                     config_value, sample_rng)
+from hlbench.data.transforms import Compose, ToTensor, build_split_pipelines, config_value, sample_rng
 
 CLASSES = ("road", "sidewalk", "building", "wire", "pole", "traffic light", "traffic sign", "vegetation",
            "terrain", "sky", "car", "truck")
@@ -404,13 +403,7 @@ class SyntheticStreets(Dataset):
 
 def build_synthetic(data_cfg, seed: int) -> dict:
     """{"train", "val"} SyntheticStreets from the data config; `seed` (the run seed) drives augmentation."""
-    num_classes = data_cfg.get("num_classes")
-    if num_classes is not None and num_classes != len(CLASSES):
-        raise ValueError(f"data.num_classes={num_classes} but the synthetic data set has {len(CLASSES)} classes")
-    ignore_index = config_value(data_cfg, "ignore_index", "255", "data")
-    pipelines = {"train": build_train_pipeline(config_value(data_cfg, "train_pipeline", "a mapping", "data"),
-                                               ignore_index),
-                 "val": build_test_pipeline(config_value(data_cfg, "test_pipeline", "a mapping", "data"))}
+    pipelines = build_split_pipelines(data_cfg, CLASSES)
     datasets = {}
     for split, transform in pipelines.items():
         cfg = config_value(data_cfg, split, "{num_images, size, domain}", "data")

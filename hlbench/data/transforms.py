@@ -269,3 +269,15 @@ def build_test_pipeline(pipeline_cfg) -> Compose:
     if resize is not None:
         steps.append(TestResize(config_value(resize, "scale", "[W, H]", "data.test_pipeline.resize")))
     return Compose(steps + [ToTensor()])
+
+
+def build_split_pipelines(data_cfg, classes) -> dict:
+    """{"train", "val"} pipelines from a data config, after checking data.num_classes against `classes`."""
+    num_classes = data_cfg.get("num_classes")
+    if num_classes is not None and num_classes != len(classes):
+        raise ValueError(f"data.num_classes={num_classes} but data set {data_cfg.get('name')!r} has "
+                         f"{len(classes)} classes")
+    ignore_index = config_value(data_cfg, "ignore_index", "255", "data")
+    return {"train": build_train_pipeline(config_value(data_cfg, "train_pipeline", "a mapping", "data"),
+                                          ignore_index),
+            "val": build_test_pipeline(config_value(data_cfg, "test_pipeline", "a mapping", "data"))}

@@ -141,6 +141,7 @@ class Trainer:
         self.total = int(cfg.train.iters)
         self.amp = bool(cfg.train.amp)
         self.protocol = protocol_of(cfg.eval)
+        self.step_times: list[float] = []  # per logging window, for the s/iter reported next to the paper's
         self.start_it, self.best, rng = self._restore()
         self.tracker = Tracker(
             run_dir, cfg, logger=cfg.logger.name, project=cfg.logger.project, group=meta["suite"],
@@ -236,6 +237,7 @@ class Trainer:
             if done % cfg.train.log_interval == 0 or done == self.total:
                 record = window.record(lr, done, self.device)
                 self.tracker.log("train", done, record)
+                self.step_times.append(record["time"])
                 bar.set_postfix(loss=f"{record['loss']:.3f}", data=f"{record['data_time']:.3f}s",
                                 step=f"{record['time']:.3f}s")
                 window = _Window()
@@ -311,6 +313,9 @@ class Trainer:
             "experiment": self.meta["experiment"], "suite": self.meta["suite"], "seed": int(cfg.seed),
             "iters": total, "setting": cfg.setting, "hl": bool(cfg.hl.enabled), "model": cfg.model.name,
             "data": cfg.data.name, "train_time_s": round(train_time, 2), "resumed_from": self.start_it or None,
+            "s_per_iter": float(np.median(self.step_times)) if self.step_times else None,
+            "memory_mb": (int(torch.cuda.max_memory_allocated(self.device) / 2**20)
+                          if self.device.type == "cuda" else None),
             "final": _summary_entry(total, final["metrics"], self.protocol, f"final (iter {total})", self.classes),
             "best": self.best,
             "hl_auroc": final["hl_auroc"],

@@ -5,13 +5,17 @@ import inspect
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from hlbench.models.heads import ASPPHead, DepthwiseSeparableASPPHead, FCNHead, PSPHead
+from hlbench.models.heads import (ASPPHead, CascadeHead, DepthwiseSeparableASPPHead, FCNHead, OCRHead, PSPHead,
+                                  UPerHead)
 from hlbench.models.pretrained import load_pretrained
 from hlbench.models.resnet import ResNetV1c, TorchvisionResNet
-from hlbench.models.segmentor import Segmentor
+from hlbench.models.segmentor import CascadeSegmentor, Segmentor
 
 BACKBONES = {"resnet_v1c": ResNetV1c, "torchvision_resnet": TorchvisionResNet}
-HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead}
+HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead, "uper": UPerHead,
+         "ocr": OCRHead}
+# Heads that refine a previous stage's logits; their config holds that stage under `stage0` (OCRNet: an FCN head).
+CASCADE_HEADS = (OCRHead,)
 
 
 def _lookup(table, cfg, section):
@@ -42,8 +46,9 @@ def _construct(cls, section, options, **derived):
 def _build_head(cfg, stage_channels, num_classes, align_corners, section="head"):
     cls = _lookup(HEADS, cfg, section)
     options = {k: v for k, v in cfg.items() if k != "type"}
-    derived = {"in_channels": stage_channels[options.get("in_index", -1)], "num_classes": num_classes,
-               "align_corners": align_corners}
+    in_index = options.get("in_index", -1)
+    in_channels = [stage_channels[i] for i in in_index] if isinstance(in_index, list) else stage_channels[in_index]
+    derived = {"in_channels": in_channels, "num_classes": num_classes, "align_corners": align_corners}
     if cls is DepthwiseSeparableASPPHead:
         derived["c1_in_channels"] = stage_channels[options.get("c1_in_index", 0)]
     return _construct(cls, section, options, **derived)
@@ -69,7 +74,22 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True):
         load_pretrained(backbone, pretrained)
     channels = backbone.out_channels
 
-    decode_head = _build_head(cfg["head"], channels, num_classes, align_corners)
+    head_cfg = dict(cfg["head"])
+    stage0_cfg = dict(head_cfg.pop("stage0", None) or {})
+    stage0_cfg.pop("weight", None)  # loss weight, read by the training step
+    if (_lookup(HEADS, head_cfg, "head") in CASCADE_HEADS) != bool(stage0_cfg):
+        raise ValueError(f"model.head.stage0 is required exactly for the cascade head types "
+                         f"{sorted(k for k, v in HEADS.items() if v in CASCADE_HEADS)}")
+
+    def decode(n_out):
+        head = _build_head(head_cfg, channels, n_out, align_corners)
+        if not stage0_cfg:
+            return head
+        # The HL copy keeps stage 0 at num_classes outputs, the soft object regions its stage 1 gathers over
+        # (authors' hl_cascade_encoder_decoder.py).
+        return CascadeHead([_build_head(stage0_cfg, channels, num_classes, align_corners, "head.stage0"), head])
+
+    decode_head = decode(num_classes)
     aux_cfg = dict(cfg.get("aux") or {})
     auxiliary_head = None
     if aux_cfg.pop("enabled", bool(aux_cfg)):
@@ -77,6 +97,7 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True):
         aux_cfg = {"type": "fcn", "concat_input": False, **aux_cfg}
         auxiliary_head = _build_head(aux_cfg, channels, num_classes, align_corners, section="aux")
     # As the authors' hl_encoder_decoder.py: the HL branch copies the decode-head config with num_classes=1;
-    # the aux head is not copied.
-    hl_head = _build_head(cfg["head"], channels, 1, align_corners) if hl else None
-    return Segmentor(backbone, decode_head, auxiliary_head, hl_head, align_corners, detach_hl_features)
+    # the aux head is not copied. A cascade copies every stage.
+    hl_head = decode(1) if hl else None
+    segmentor = CascadeSegmentor if stage0_cfg else Segmentor
+    return segmentor(backbone, decode_head, auxiliary_head, hl_head, align_corners, detach_hl_features)

@@ -1,4 +1,4 @@
-"""Decode heads (FCN, PSP, ASPP, DeepLabV3+) with mmseg's attribute and state-dict key names."""
+"""Decode heads (FCN, PSP, ASPP, DeepLabV3+, UPerNet, OCR + cascade) with mmseg's attribute and key names."""
 
 import torch
 import torch.nn as nn
@@ -81,19 +81,28 @@ class FCNHead(DecodeHead):
         return self.classify(out)
 
 
+def pyramid_pooling_modules(in_channels, channels, pool_scales):
+    """mmseg PPM: per scale an adaptive average pool then a 1×1 ConvBNReLU (keys `<i>.1.conv.weight`)."""
+    return nn.ModuleList(
+        nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels, channels, 1)) for s in pool_scales)
+
+
+def pyramid_pool(modules, x, align_corners):
+    """x concatenated with every pooled branch upsampled back to x's size."""
+    return torch.cat([x, *(resize(m(x), x.shape[2:], align_corners) for m in modules)], dim=1)
+
+
 class PSPHead(DecodeHead):
     """PSPNet head: pyramid pooling (`psp_modules`) + 3×3 `bottleneck` over the input and pooled maps."""
 
     def __init__(self, in_channels, channels, num_classes, pool_scales=(1, 2, 3, 6), **kwargs):
         super().__init__(in_channels, channels, num_classes, **kwargs)
-        self.psp_modules = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvBNReLU(in_channels, channels, 1)) for s in pool_scales)
+        self.psp_modules = pyramid_pooling_modules(in_channels, channels, pool_scales)
         self.bottleneck = ConvBNReLU(in_channels + len(pool_scales) * channels, channels, 3)
 
     def forward(self, inputs):
         x = inputs[self.in_index]
-        pooled = [resize(m(x), x.shape[2:], self.align_corners) for m in self.psp_modules]
-        return self.classify(self.bottleneck(torch.cat([x, *pooled], dim=1)))
+        return self.classify(self.bottleneck(pyramid_pool(self.psp_modules, x, self.align_corners)))
 
 
 class ASPPHead(DecodeHead):
@@ -137,3 +146,109 @@ class DepthwiseSeparableASPPHead(ASPPHead):
         c1 = self.c1_bottleneck(inputs[self.c1_in_index])
         out = resize(self.aspp(inputs[self.in_index]), c1.shape[2:], self.align_corners)
         return self.classify(self.sep_bottleneck(torch.cat([out, c1], dim=1)))
+
+
+class UPerHead(DecodeHead):
+    """UPerNet head: PPM on the last level (`psp_modules`, `bottleneck`) + FPN (`lateral_convs`, `fpn_convs`),
+    every level upsampled to the finest and fused by a 3×3 `fpn_bottleneck`.
+
+    Args:
+        in_channels: channels of each level read (list, one per entry of in_index).
+        in_index: backbone stages read, finest first (mmseg: [0, 1, 2, 3]).
+    """
+
+    def __init__(self, in_channels, channels, num_classes, pool_scales=(1, 2, 3, 6), in_index=(0, 1, 2, 3),
+                 **kwargs):
+        if len(in_channels) != len(in_index) or len(in_index) < 2:
+            raise ValueError(f"UPerHead needs >= 2 levels with one in_channels per in_index, got {in_channels}, "
+                             f"{in_index}")
+        super().__init__(in_channels, channels, num_classes, in_index=list(in_index), **kwargs)
+        self.psp_modules = pyramid_pooling_modules(in_channels[-1], channels, pool_scales)
+        self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in in_channels[:-1])
+        self.fpn_bottleneck = ConvBNReLU(len(in_channels) * channels, channels, 3)
+
+    def forward(self, inputs):
+        levels = [inputs[i] for i in self.in_index]
+        laterals = [conv(x) for conv, x in zip(self.lateral_convs, levels)]
+        laterals.append(self.bottleneck(pyramid_pool(self.psp_modules, levels[-1], self.align_corners)))
+        for i in range(len(laterals) - 1, 0, -1):  # top-down pathway
+            laterals[i - 1] = laterals[i - 1] + resize(laterals[i], laterals[i - 1].shape[2:], self.align_corners)
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        size = outs[0].shape[2:]
+        return self.classify(self.fpn_bottleneck(torch.cat([resize(o, size, self.align_corners) for o in outs], 1)))
+
+
+class SpatialGatherModule(nn.Module):
+    """OCR object regions: class-wise softmax over pixels of the coarse logits pools features to N×C×K×1."""
+
+    def forward(self, feats, prev_logits):
+        n, k = prev_logits.shape[:2]
+        probs = prev_logits.reshape(n, k, -1).softmax(dim=2)               # N×K×HW
+        context = probs @ feats.reshape(n, feats.shape[1], -1).transpose(1, 2)  # N×K×C
+        return context.transpose(1, 2).unsqueeze(3)
+
+
+def _projection(cin, cout, num_convs):
+    """mmseg SelfAttentionBlock projection: one ConvBNReLU, or a Sequential of them when num_convs > 1."""
+    convs = [ConvBNReLU(cin if i == 0 else cout, cout, 1) for i in range(num_convs)]
+    return convs[0] if num_convs == 1 else nn.Sequential(*convs)
+
+
+class ObjectAttentionBlock(nn.Module):
+    """OCR pixel-region attention (mmseg ObjectAttentionBlock, scale 1): pixels query the object-region
+    context, the attended context is projected back and fused with the pixels by a 1×1 `bottleneck`."""
+
+    def __init__(self, in_channels, channels):
+        super().__init__()
+        self.channels = channels
+        self.query_project = _projection(in_channels, channels, 2)
+        self.key_project = _projection(in_channels, channels, 2)
+        self.value_project = _projection(in_channels, channels, 1)
+        self.out_project = _projection(channels, in_channels, 1)
+        self.bottleneck = ConvBNReLU(2 * in_channels, in_channels, 1)
+
+    def forward(self, feats, context):
+        n, _, h, w = feats.shape
+        query = self.query_project(feats).reshape(n, self.channels, -1).transpose(1, 2)   # N×HW×C
+        key = self.key_project(context).reshape(n, self.channels, -1)                    # N×C×K
+        value = self.value_project(context).reshape(n, self.channels, -1).transpose(1, 2)  # N×K×C
+        attention = (query @ key * self.channels ** -0.5).softmax(dim=-1)  # mmseg matmul_norm
+        attended = (attention @ value).transpose(1, 2).reshape(n, self.channels, h, w)
+        return self.bottleneck(torch.cat([self.out_project(attended), feats], dim=1))
+
+
+class OCRHead(DecodeHead):
+    """OCRNet head, stage 1 of a cascade: 3×3 `bottleneck`, `spatial_gather_module` over the previous stage's
+    logits, `object_context_block`, then `conv_seg`."""
+
+    def __init__(self, in_channels, channels, num_classes, ocr_channels=256, **kwargs):
+        super().__init__(in_channels, channels, num_classes, **kwargs)
+        self.bottleneck = ConvBNReLU(in_channels, channels, 3)
+        self.spatial_gather_module = SpatialGatherModule()
+        self.object_context_block = ObjectAttentionBlock(channels, ocr_channels)
+
+    def forward(self, inputs, prev_logits):
+        feats = self.bottleneck(inputs[self.in_index])
+        context = self.spatial_gather_module(feats, prev_logits)
+        return self.classify(self.object_context_block(feats, context))
+
+
+class CascadeHead(nn.ModuleList):
+    """mmseg CascadeEncoderDecoder's `decode_head` list (keys `0.*`, `1.*`): each stage after the first also
+    reads the previous stage's logits; calling it returns the last stage's logits."""
+
+    @property
+    def num_classes(self):
+        return self[-1].num_classes
+
+    def stages(self, inputs):
+        """Logits of every stage, first to last."""
+        outs = [self[0](inputs)]
+        for head in self[1:]:
+            outs.append(head(inputs, outs[-1]))
+        return outs
+
+    def forward(self, inputs):
+        return self.stages(inputs)[-1]

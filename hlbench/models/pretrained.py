@@ -36,8 +36,17 @@ def load_pretrained(module, path, expected_prefix=""):
             state = {k.removeprefix(prefix): v for k, v in state.items()}
     if expected_prefix:
         state = {k.removeprefix(expected_prefix): v for k, v in state.items() if k.startswith(expected_prefix)}
-    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    return load_matching(module, state, path, MIN_LOADED_FRACTION)
 
+
+def load_matching(module, state, path, min_fraction):
+    """Copy the tensors of `state` whose names are in `module`; returns {"loaded", "missing", "unexpected"}.
+
+    Raises ValueError naming `path` on shape mismatches or when fewer than `min_fraction` of the module's
+    tensors are found. BN batch counters are ignored: they are not weights and older checkpoints lack them.
+    """
+    own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state.items() if k in own and v.shape != own[k].shape]
     if mismatched:
@@ -45,9 +54,9 @@ def load_pretrained(module, path, expected_prefix=""):
     loaded = [k for k in own if k in state]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    if len(loaded) < MIN_LOADED_FRACTION * len(own):
-        raise ValueError(f"{path}: only {len(loaded)}/{len(own)} tensors of {type(module).__name__} match; "
-                         f"missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}")
+    if len(loaded) < min_fraction * len(own):
+        raise ValueError(f"{path}: only {len(loaded)}/{len(own)} tensors of {type(module).__name__} match "
+                         f"(need {min_fraction:.0%}); missing e.g. {missing[:3]}, unexpected e.g. {unexpected[:3]}")
     module.load_state_dict({k: state[k] for k in loaded}, strict=False)
     log.info("loaded %d/%d tensors from %s", len(loaded), len(own), path)
     if missing:

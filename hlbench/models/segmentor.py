@@ -36,7 +36,7 @@ class Segmentor(nn.Module):
     def forward(self, img):
         """Logits at decoder resolution: {"out"} in eval mode; plus "aux" and "hl" (raw D) when training."""
         feats = self.backbone(img)
-        out = {"out": self.decode_head(feats)}
+        out = self._decode_outputs(feats)
         if not self.training:
             return out
         if self.auxiliary_head is not None:
@@ -45,6 +45,9 @@ class Segmentor(nn.Module):
             hl_feats = tuple(f.detach() for f in feats) if self.detach_hl_features else feats
             out["hl"] = self.hl_head(hl_feats)
         return out
+
+    def _decode_outputs(self, feats):
+        return {"out": self.decode_head(feats)}
 
     def _decode(self, img):
         """mmseg encode_decode: decode-head logits resized to the input size."""
@@ -90,3 +93,16 @@ class Segmentor(nn.Module):
         if self.hl_head is None:
             raise ValueError("this model has no HL head; build it with build_model(..., hl=True)")
         return resize(self.hl_head(self.backbone(img)), img.shape[2:], self.align_corners)
+
+
+class CascadeSegmentor(Segmentor):
+    """mmseg CascadeEncoderDecoder (OCRNet): decode_head and hl_head are CascadeHeads.
+
+    forward adds "out0", the stage-0 logits (trained by their own loss); "out" and predict use the last stage.
+    The HL branch copies both stages (authors' hl_cascade_encoder_decoder.py): its stage-0 copy keeps
+    num_classes outputs and feeds the one-output stage-1 copy, so calling hl_head yields D directly.
+    """
+
+    def _decode_outputs(self, feats):
+        stage0, out = self.decode_head.stages(feats)
+        return {"out": out, "out0": stage0}

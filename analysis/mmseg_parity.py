@@ -1,0 +1,113 @@
+"""Logit parity of hlbench models with mmsegmentation 1.2.2 given the same (random) weights.
+
+Needs a scratch environment outside the repo with mmseg installed, and hlbench on the path; not imported by
+the tests:
+    python3 -m venv /tmp/mmseg-venv
+    /tmp/mmseg-venv/bin/pip install torch==2.14.1 mmcv-lite==2.1.0 mmengine mmsegmentation==1.2.2 ftfy regex
+    PYTHONPATH=. /tmp/mmseg-venv/bin/python analysis/mmseg_parity.py [--size 128]
+Each mmseg model is randomly initialised (BN statistics too), saved as an mmseg 1.x checkpoint, loaded into the
+hlbench model of the same config with hlbench.models.load_checkpoint, and both are run in eval mode on one image.
+"""
+import argparse
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+NUM_CLASSES = 19
+MODEL_DIR = Path(__file__).resolve().parents[1] / "hlbench" / "conf" / "model"
+
+
+def _stub_mmcv_ops():
+    """mmcv-lite ships no compiled ops; mmseg imports some at module level for heads we do not compare."""
+    ops = types.ModuleType("mmcv.ops")
+
+    def placeholder(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return type(name, (torch.nn.Module,), {})
+
+    ops.__getattr__ = placeholder
+    sys.modules["mmcv.ops"] = ops
+
+
+def _resnet(depth):
+    return dict(type="ResNetV1c", depth=depth, num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
+                strides=(1, 2, 1, 1), norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False,
+                style="pytorch", contract_dilation=True)
+
+
+def _aux():
+    return dict(type="FCNHead", in_channels=1024, in_index=2, channels=256, num_convs=1, concat_input=False,
+                dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"), align_corners=False)
+
+
+# hlbench model config name -> mmseg 1.x model dict (the numbers of mmseg's _base_/models/*_r50-d8.py files).
+MMSEG_MODELS = {
+    "pspnet_r101": dict(backbone=_resnet(101), decode_head=dict(
+        type="PSPHead", in_channels=2048, in_index=3, channels=512, pool_scales=(1, 2, 3, 6), dropout_ratio=0.1,
+        num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"), align_corners=False)),
+    "deeplabv3plus_r101": dict(backbone=_resnet(101), decode_head=dict(
+        type="DepthwiseSeparableASPPHead", in_channels=2048, in_index=3, channels=512, dilations=(1, 12, 24, 36),
+        c1_in_channels=256, c1_channels=48, dropout_ratio=0.1, num_classes=NUM_CLASSES,
+        norm_cfg=dict(type="BN"), align_corners=False)),
+}
+
+
+def build_mmseg(body):
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    register_all_modules()
+    cfg = dict(type="EncoderDecoder", data_preprocessor=dict(type="SegDataPreProcessor"), pretrained=None,
+               auxiliary_head=_aux(), train_cfg=dict(), test_cfg=dict(mode="whole"), **body)
+    model = MODELS.build(cfg)
+    # PyTorch's default init instead of mmseg's (whose conv_seg std 0.01 would make every logit ~0), and
+    # non-trivial BN affine parameters and statistics, so that a wrong layer shows in the logits.
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith(("bn.weight", "running_var")) or ".bn" in name and name.endswith("weight"):
+                tensor.uniform_(0.5, 1.5)
+            elif name.endswith(("bn.bias", "running_mean")) or ".bn" in name and name.endswith("bias"):
+                tensor.normal_(0, 0.1)
+    return model.eval()
+
+
+def compare(name, size, tmp):
+    from mmengine.structures import PixelData  # noqa: F401  (mmseg's data samples need it importable)
+
+    from hlbench.models import build_model, load_checkpoint
+
+    torch.manual_seed(0)
+    theirs = build_mmseg(MMSEG_MODELS[name])
+    path = Path(tmp) / f"{name}.pth"
+    torch.save({"state_dict": theirs.state_dict(), "meta": {"mmseg_version": "1.2.2"}}, path)
+    ours = build_model(OmegaConf.load(MODEL_DIR / f"{name}.yaml"), NUM_CLASSES, hl=False).eval()
+    report = load_checkpoint(ours, path)
+    img = torch.randn(1, 3, size, size)
+    metas = [dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size), padding_size=[0] * 4)]
+    with torch.no_grad():
+        ref = theirs.encode_decode(img, metas)
+        out = ours.predict(img, mode="whole")
+    diff = (ref - out).abs().max().item()
+    print(f"{name:20s} loaded {len(report['loaded'])} missing {len(report['missing'])} "
+          f"unexpected {len(report['unexpected'])}  max|logit diff| {diff:.3e}  (logit scale {ref.abs().max():.2f})")
+    return diff
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--models", nargs="*", default=list(MMSEG_MODELS))
+    args = parser.parse_args()
+    _stub_mmcv_ops()
+    with tempfile.TemporaryDirectory() as tmp:
+        diffs = {name: compare(name, args.size, tmp) for name in args.models}
+    sys.exit(0 if all(d < 1e-4 for d in diffs.values()) else 1)
+
+
+if __name__ == "__main__":
+    main()

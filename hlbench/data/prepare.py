@@ -1,0 +1,120 @@
+"""Dataset preparation and validation behind `python -m hlbench.data prepare|check` (datasets.md §1-§4)."""
+from __future__ import annotations
+
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from hlbench.data import ade20k, cityscapes, gta5
+from hlbench.data.files import IGNORE_INDEX, image_size, read_label, read_palette_indices, require_dir, \
+    write_png_atomic
+
+# Raw Cityscapes label ids run 0..33; a "trainIds" file holding 19..33 is almost surely a copied labelIds file.
+MAX_CITYSCAPES_ID = 33
+
+
+def _label_jobs(name: str, root: Path) -> list[tuple[Path, Path, bool]]:
+    """[(raw label, trainId output, is a palette PNG)] for every raw label under root."""
+    if name == "cityscapes":
+        raws = sorted(require_dir(root / "gtFine").glob(f"*/*/*{cityscapes.LABEL_ID_SUFFIX}"))
+        return [(raw, raw.with_name(raw.name.replace(cityscapes.LABEL_ID_SUFFIX, cityscapes.TRAIN_ID_SUFFIX)),
+                 False) for raw in raws]
+    if name == "gta5":
+        raws = sorted(p for p in require_dir(root / "labels").glob("*.png") if gta5.RAW_LABEL.match(p.name))
+        return [(raw, raw.with_name(f"{raw.stem}{gta5.TRAIN_ID_SUFFIX}"), True) for raw in raws]
+    raise ValueError(f"prepare supports cityscapes and gta5, got {name!r}")
+
+
+def _convert(job: tuple[Path, Path, bool]) -> None:
+    raw, out, palette = job
+    ids = read_palette_indices(raw) if palette else read_label(raw)
+    write_png_atomic(out, cityscapes.ID_TO_TRAIN_ID[ids])
+
+
+def prepare_labels(name: str, root, workers: int = 1) -> tuple[int, int]:
+    """Writes the missing *_labelTrainIds.png of `name` ("cityscapes" | "gta5"); returns (written, skipped)."""
+    jobs = _label_jobs(name, Path(root))
+    todo = [job for job in jobs if not job[1].is_file()]
+    with Pool(max(1, int(workers))) as pool:
+        for _ in tqdm(pool.imap_unordered(_convert, todo, chunksize=8), total=len(todo), desc=f"prepare {name}",
+                      unit="label"):
+            pass
+    return len(todo), len(jobs) - len(todo)
+
+
+def _pair_errors(job: tuple) -> list[str]:
+    """One-line errors of one (image, label, lut) pair against `num_classes` train ids."""
+    (image, label_path, lut), num_classes, (raw_max, screen_label_ids, palette) = job
+    try:
+        raw = read_palette_indices(label_path) if palette and lut is not None else read_label(label_path)
+        size = image_size(image)
+    except (OSError, ValueError) as err:
+        return [f"{label_path}: unreadable ({err})"]
+    errors = []
+    if raw.shape != size:
+        errors.append(f"{image}: image is {size[0]}x{size[1]} but its label {label_path} is "
+                      f"{raw.shape[0]}x{raw.shape[1]}")
+    values = np.unique(raw)
+    if lut is None:
+        bad = values[(values >= num_classes) & (values != IGNORE_INDEX)]
+        if screen_label_ids and len(bad) and bad.max() <= MAX_CITYSCAPES_ID:
+            errors.append(f"{label_path}: values {bad.tolist()} look like raw labelIds, expected trainIds "
+                          f"0..{num_classes - 1} (run `python -m hlbench.data prepare`)")
+        elif len(bad):
+            errors.append(f"{label_path}: values {bad.tolist()} are outside the classes 0..{num_classes - 1} and 255")
+    elif raw_max is not None:
+        bad = values[(values > raw_max) & (values != IGNORE_INDEX)]
+        if len(bad):
+            errors.append(f"{label_path}: raw values {bad.tolist()} are outside 0..{raw_max} and 255")
+    return errors
+
+
+def _split_pairs(name: str, root: Path, errors: list[str], warnings: list[str]) -> dict:
+    """{split: pairs} of a data set; missing folders and images without labels go to errors / warnings."""
+    if name == "gta5":
+        try:
+            pairs, unlabelled = gta5.gta5_pairs(root)
+        except FileNotFoundError as err:
+            errors.append(str(err))
+            return {}
+        # Incomplete redistributions of GTA5 exist (datasets.md §3): usable, so only warn.
+        warnings += [f"{image}: image without label" for image in unlabelled]
+        return {"all": pairs}
+    lister = {"cityscapes": cityscapes.cityscapes_pairs, "ade20k": ade20k.ade20k_pairs}[name]
+    splits = {}
+    for split in ("train", "val"):
+        try:
+            splits[split] = lister(root, split)
+        except FileNotFoundError as err:
+            errors.append(str(err))
+    return splits
+
+
+# Per data set: (max raw value of a LUT-mapped label or None, screen trainId files for raw Cityscapes ids,
+# raw labels are palette PNGs). Raw ADE annotations hold 0..150 before reduce-zero.
+LABEL_RULES = {"cityscapes": (MAX_CITYSCAPES_ID, True, False), "gta5": (None, True, True),
+               "ade20k": (len(ade20k.CLASSES), False, False)}
+KNOWN_COUNTS = {"cityscapes": cityscapes.KNOWN_COUNTS, "gta5": {"all": gta5.KNOWN_COUNT},
+                "ade20k": ade20k.KNOWN_COUNTS}
+
+
+def check_dataset(name: str, root, workers: int = 1) -> tuple[dict, list[str], list[str]]:
+    """({split: number of labelled images}, errors, warnings) of data set `name` under `root`; one line each."""
+    if name not in KNOWN_COUNTS:
+        raise ValueError(f"check supports {sorted(KNOWN_COUNTS)}, got {name!r}")
+    root, errors, warnings = Path(root), [], []
+    splits = _split_pairs(name, root, errors, warnings)
+    num_classes = len(ade20k.CLASSES if name == "ade20k" else cityscapes.CLASSES)
+    jobs = [(pair, num_classes, LABEL_RULES[name]) for pairs in splits.values() for pair in pairs]
+    with Pool(max(1, int(workers))) as pool:
+        for found in tqdm(pool.imap(_pair_errors, jobs, chunksize=8), total=len(jobs), desc=f"check {name}",
+                          unit="pair"):
+            errors += found
+    counts = {split: len(pairs) for split, pairs in splits.items()}
+    for split, count in counts.items():
+        known = KNOWN_COUNTS[name].get(split)
+        if known is not None and count != known:
+            warnings.append(f"{root}: {split} has {count} labelled images, the official release has {known}")
+    return counts, errors, warnings

@@ -1,0 +1,102 @@
+"""`python -m hlbench.eval experiment=<name> checkpoint=<path>`: score saved weights with the recipe's protocol.
+
+Accepts hlbench, mmsegmentation 0.x and 1.x checkpoints (hlbench.models.load_checkpoint). Results go to a new
+folder <out_dir>/eval/<experiment>/<checkpoint stem>[-2, -3...] holding metrics.json and config.yaml.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from .config_checks import ConfigError, check_config
+
+log = logging.getLogger("hlbench")
+
+
+def new_eval_dir(out_dir, experiment: str, checkpoint: Path) -> Path:
+    """A folder that did not exist before: <out_dir>/eval/<experiment>/<stem>, else <stem>-2, <stem>-3..."""
+    parent = Path(out_dir) / "eval" / experiment.replace("/", "-")
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = parent / (checkpoint.stem if n == 1 else f"{checkpoint.stem}-{n}")
+        try:
+            path.mkdir()  # atomic: two evaluations started together never share a folder
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"{parent}: no free folder name for {checkpoint.stem}")
+
+
+def iou_table(metrics: dict, class_names: list[str]) -> str:
+    """Per-class IoU and the mIoU/mAcc/aAcc lines, in percent like mmseg's log table."""
+    width = max(len(c) for c in [*class_names, "class"])
+
+    def pct(x):
+        return "   nan" if x is None or math.isnan(x) else f"{100 * x:6.2f}"
+
+    rows = [f"{'class':<{width}}    IoU    Acc"]
+    rows += [f"{c:<{width}} {pct(metrics[f'IoU.{c}'])} {pct(metrics[f'Acc.{c}'])}" for c in class_names]
+    rows.append(f"mIoU {pct(metrics['mIoU'])}  mAcc {pct(metrics['mAcc'])}  aAcc {pct(metrics['aAcc'])}")
+    return "\n".join(rows)
+
+
+def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
+    """Build cfg.model, load cfg.checkpoint, evaluate on cfg.data's val split; returns the written metrics."""
+    from .data import build_datasets
+    from .engine.distributed import init_distributed
+    from .engine.evaluator import evaluate, protocol_of
+    from .models import build_model, load_checkpoint
+    from .tracking import atomic_write_json, environment_record, write_config
+
+    check_config(cfg)
+    if not cfg.get("checkpoint"):
+        raise ConfigError("checkpoint=<path> is required: the weights to evaluate")
+    checkpoint = Path(cfg.checkpoint)
+    info = init_distributed(cfg.device)
+    val_set = build_datasets(cfg.data, cfg.seed)["val"]
+    classes = list(val_set.classes)
+    # The HL branch never runs at inference (method.md §7) but is built so the checkpoint's HL weights load and
+    # its map can be scored against the data set's hardness mask.
+    model = build_model(cfg.model, num_classes=len(classes), hl=cfg.hl.enabled,
+                        detach_hl_features=cfg.hl.detach_features)
+    report = load_checkpoint(model, checkpoint)
+    model.to(info.device)
+    result = evaluate(model, val_set, cfg.eval, cfg.data, info.device, classes, amp=bool(cfg.train.amp),
+                      hl_offset=cfg.hl.offset)
+    out = {"experiment": experiment, "checkpoint": str(checkpoint.resolve()), "protocol": protocol_of(cfg.eval),
+           "mIoU": result["metrics"]["mIoU"], "metrics": result["metrics"], "hl_auroc": result["hl_auroc"],
+           "hl_auroc_kinds": result["hl_auroc_kinds"],
+           "weights": {"loaded": len(report["loaded"]), "missing": report["missing"],
+                       "unexpected": report["unexpected"]}}
+    if info.is_main:
+        run_dir = new_eval_dir(cfg.out_dir, experiment, checkpoint)
+        write_config(run_dir, cfg)
+        atomic_write_json(run_dir / "metrics.json", {**out, "env": environment_record()})
+        print(f"{experiment} @ {checkpoint}")
+        print(iou_table(result["metrics"], classes))
+        print("outputs:", run_dir)
+        out["run_dir"] = str(run_dir)
+    return out
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    experiment = HydraConfig.get().runtime.choices.get("experiment")
+    try:
+        if experiment is None:
+            raise ConfigError("experiment=<name> is required: it defines the model, data and test protocol")
+        evaluate_checkpoint(cfg, experiment)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Loading whole-segmentor checkpoints: hlbench's own, mmsegmentation 0.x and 1.x (mmengine), incl. the HL ones."""
+
+import logging
+import pickle
+from pathlib import Path
+
+import torch
+
+from hlbench.models.pretrained import load_matching
+
+log = logging.getLogger(__name__)
+
+# Checkpoint key prefix -> our key prefix (None: drop the key). Our Segmentor uses mmseg's module names, so only
+# the differences are listed. Rules apply in order, so "module.weigh_head." becomes "hl_head.".
+PREFIX_RENAMES = {
+    "module.": "",                     # saved from a DDP-wrapped model
+    "weigh_head.": "hl_head.",         # the authors' HL branch (sic, method.md §3)
+    "data_preprocessor.": None,        # mmseg 1.x mean/std buffers: normalisation is done by hlbench.data
+}
+
+# A checkpoint that fills less than this share of the model's tensors is the wrong file or the wrong model config.
+MIN_LOADED_FRACTION = 0.9
+
+
+def _read(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # mmengine (mmseg 1.x) checkpoints pickle non-tensor objects (message_hub, meta with numpy/config values)
+        # that the safe loader rejects. The path is a local file the user chose to evaluate, so a full unpickle
+        # is acceptable here, and only after the safe load failed.
+        log.info("%s: not loadable with weights_only=True, loading it in full (trusted local file)", path)
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _model_state(ckpt, path: Path) -> dict:
+    """The weights inside a checkpoint: hlbench {"model": ...}, mmseg {"state_dict": ...} or a bare state dict."""
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not ckpt or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise ValueError(f"{path}: expected {{'model': state_dict}}, {{'state_dict': state_dict}} or a state dict "
+                         "of tensors")
+    return ckpt
+
+
+def map_checkpoint_keys(state: dict) -> dict:
+    """Rename checkpoint keys to hlbench's module names with PREFIX_RENAMES; dropped keys are left out."""
+    out = {}
+    for key, value in state.items():
+        for old, new in PREFIX_RENAMES.items():
+            if key.startswith(old):
+                if new is None:
+                    break
+                key = new + key[len(old):]
+        else:
+            out[key] = value
+    return out
+
+
+def load_checkpoint(model, path) -> dict:
+    """Load a segmentor checkpoint into `model`; returns {"loaded", "missing", "unexpected"} key lists.
+
+    Raises FileNotFoundError when `path` is missing, ValueError on shape mismatches or when fewer than
+    MIN_LOADED_FRACTION of the model's tensors are in the checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return load_matching(model, map_checkpoint_keys(_model_state(_read(path), path)), path, MIN_LOADED_FRACTION)

@@ -1,0 +1,147 @@
+"""Decode-loss variants (balanced CE, OHEM, focal) and the OCRNet cascade's HL loss routing."""
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from hlbench.losses import make_pixel_loss, ohem_keep_mask, pixel_cross_entropy, pixel_focal_loss
+from hlbench.methods.supervised import Supervised
+from hlbench.models import build_model
+
+HL = OmegaConf.create({"lam": 0.01, "offset": 0.1, "scope": "batch", "group_size": 2, "image_reduce": "mean",
+                       "ignore": "keep", "weight_aux": False})
+
+
+def _loss_cfg(**kw):
+    return OmegaConf.create({"ce_denominator": "all_pixels", "name": "ce", "class_weight": None, "ohem_thresh": 0.7,
+                             "ohem_min_kept": 100000, "focal_gamma": 2.0, **kw})
+
+
+def _batch(n=2, c=4, h=5, w=6):
+    logits = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(0))
+    label = torch.randint(0, c, (n, h, w), generator=torch.Generator().manual_seed(1))
+    label[0, 0, :3] = 255
+    return logits, label
+
+
+def test_balanced_ce_equals_class_weighted_ce():
+    logits, label = _batch()
+    weights = [0.5, 1.0, 2.0, 3.0]
+    pix = make_pixel_loss("balanced_ce", class_weight=weights)(logits, label)
+    expected = F.cross_entropy(logits, label, weight=torch.tensor(weights), ignore_index=255, reduction="none")
+    assert torch.allclose(pix, expected)
+    valid = label != 255
+    plain = pixel_cross_entropy(logits, label)
+    assert torch.allclose(pix[valid], plain[valid] * torch.tensor(weights)[label[valid]])
+    with pytest.raises(ValueError, match="class_weight"):
+        make_pixel_loss("balanced_ce", class_weight=[1.0, 2.0])(logits, label)
+    with pytest.raises(ValueError, match="class_weight"):
+        make_pixel_loss("balanced_ce")
+
+
+def test_focal_gamma_zero_is_ce_and_gamma_downweights_easy_pixels():
+    logits, label = _batch()
+    ce = pixel_cross_entropy(logits, label)
+    assert torch.allclose(pixel_focal_loss(logits, label, gamma=0.0), ce)
+    focal = pixel_focal_loss(logits, label, gamma=2.0)
+    p = torch.exp(-ce)
+    assert torch.allclose(focal, (1 - p) ** 2 * ce) and (focal <= ce).all() and (focal[label == 255] == 0).all()
+
+
+def _two_class_logits(probs):
+    """1×2×1×W logits whose class-0 softmax probability is `probs`."""
+    p = torch.tensor(probs)
+    return torch.stack([p.log(), (1 - p).log()]).view(1, 2, 1, -1)
+
+
+def test_ohem_keeps_pixels_below_threshold():
+    logits = _two_class_logits([0.1, 0.5, 0.65, 0.75, 0.9, 0.95])
+    label = torch.zeros(1, 1, 6, dtype=torch.long)
+    label[0, 0, 1] = 255  # ignored: never kept
+    keep = ohem_keep_mask(logits, label, thresh=0.7, min_kept=2)
+    assert keep[0, 0].tolist() == [True, False, True, False, False, False]
+
+
+def test_ohem_min_kept_raises_the_threshold():
+    logits = _two_class_logits([0.9, 0.1, 0.95, 0.8, 0.85, 0.99])
+    label = torch.zeros(1, 1, 6, dtype=torch.long)
+    # Only 0.1 is below 0.7; min_kept=3 moves the threshold to the 4th smallest (0.9): keeps 0.1, 0.8, 0.85.
+    keep = ohem_keep_mask(logits, label, thresh=0.7, min_kept=3)
+    assert keep[0, 0].tolist() == [False, True, False, True, True, False]
+    # min_kept beyond the valid count: the threshold is the largest probability, which itself is dropped.
+    assert ohem_keep_mask(logits, label, thresh=0.7, min_kept=100).sum() == 5
+    pix = make_pixel_loss("ohem", ohem_thresh=0.7, ohem_min_kept=3)(logits, label)
+    assert torch.allclose(pix, pixel_cross_entropy(logits, label) * keep)
+
+
+def test_ohem_min_kept_counts_per_image_of_the_batch():
+    logits = _two_class_logits([0.9, 0.8, 0.95, 0.99]).view(2, 2, 1, 2)
+    label = torch.zeros(2, 1, 2, dtype=torch.long)
+    assert ohem_keep_mask(logits, label, thresh=0.0, min_kept=1).sum() == 2  # k = min_kept * N
+
+
+def test_unknown_loss_name():
+    with pytest.raises(ValueError, match="loss.name"):
+        make_pixel_loss("dice")
+
+
+def _tiny_ocrnet():
+    cfg = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25},
+           "head": {"type": "ocr", "in_index": 3, "channels": 16, "ocr_channels": 8,
+                    "stage0": {"type": "fcn", "in_index": 2, "channels": 8, "num_convs": 1, "concat_input": False,
+                               "weight": 0.4}},
+           "aux": {"enabled": False}}
+    return build_model(cfg, num_classes=4, hl=True).train()
+
+
+def test_cascade_model_outputs_and_hl_copies_both_stages():
+    model = _tiny_ocrnet()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert set(out) == {"out", "out0", "hl"}
+    assert out["out"].shape == out["out0"].shape == (2, 4, 8, 8) and out["hl"].shape == (2, 1, 8, 8)
+    assert model.hl_head[0].conv_seg.out_channels == 4 and model.hl_head[1].conv_seg.out_channels == 1
+    model.eval()
+    assert set(model(torch.randn(1, 3, 64, 64))) == {"out", "out0"}
+    assert model.predict(torch.randn(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+    assert model.predict_hl(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_cascade_hl_loss_reaches_only_the_hl_copies():
+    torch.manual_seed(0)
+    model = _tiny_ocrnet()
+    batch = {"img": torch.randn(2, 3, 64, 64), "label": torch.randint(0, 4, (2, 64, 64))}
+    _, logs = Supervised(HL, _loss_cfg(), stage0_weight=0.4)(model, batch)
+    assert {"decode_0.loss_ce", "decode_1.loss_ce", "weight_loss", "decode_0.acc_seg"} <= set(logs)
+    assert "decode.loss_ce" not in logs
+    # L_h uses decode_1 only: its ratio to the decode_1 loss is -lam.
+    assert torch.allclose(-logs["weight_loss"] / logs["decode_1.loss_ce"], torch.tensor(0.01), rtol=1e-4)
+    logs["weight_loss"].backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("hl_head.0."))
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("hl_head.1."))
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if not n.startswith("hl_head."))
+
+
+def test_cascade_stage_losses_reach_only_the_decode_path():
+    torch.manual_seed(0)
+    model = _tiny_ocrnet()
+    batch = {"img": torch.randn(2, 3, 64, 64), "label": torch.randint(0, 4, (2, 64, 64))}
+    _, logs = Supervised(HL, _loss_cfg(name="focal"), stage0_weight=0.4)(model, batch)
+    (logs["decode_0.loss_ce"] + logs["decode_1.loss_ce"]).backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.startswith("hl_head."))
+    assert grads["decode_head.0.conv_seg.weight"].abs().sum() > 0
+    assert grads["backbone.layer4.0.downsample.0.weight"].abs().sum() > 0  # not conv1: zero-init residual BN
+
+
+def test_cascade_stage0_weight_without_hl():
+    torch.manual_seed(0)
+    model = _tiny_ocrnet()
+    model.hl_head = None
+    batch = {"img": torch.randn(2, 3, 64, 64), "label": torch.randint(0, 4, (2, 64, 64))}
+    torch.manual_seed(1)
+    _, a = Supervised(HL, _loss_cfg(), stage0_weight=0.4)(model, batch)
+    torch.manual_seed(1)
+    _, b = Supervised(HL, _loss_cfg(), stage0_weight=1.0)(model, batch)
+    assert "weight_loss" not in a and torch.allclose(a["decode_0.loss_ce"] / 0.4, b["decode_0.loss_ce"])
+    assert torch.allclose(a["decode_1.loss_ce"], b["decode_1.loss_ce"])
