@@ -6,8 +6,12 @@ offered; baseline and HL runs must use the same one for a fair comparison.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 DENOMINATORS = ("all_pixels", "valid_pixels")
 
@@ -80,7 +84,8 @@ def make_pixel_loss(name: str = "ce", *, ignore_index: int = 255, class_weight=N
     if name not in LOSS_NAMES:
         raise ValueError(f"loss.name must be one of {LOSS_NAMES}, got {name!r}")
     if name == "balanced_ce" and not class_weight:
-        raise ValueError("loss.name=balanced_ce needs loss.class_weight, one weight per class")
+        # e.g. a profile=smoke dry run of the loss table on synthetic data: same code path, uniform weights.
+        log.warning("loss.name=balanced_ce without loss.class_weight (nor data.class_weight): uniform weights")
     if name == "ce":
         return lambda logits, label: pixel_cross_entropy(logits, label, ignore_index)
     if name == "focal":
@@ -88,9 +93,11 @@ def make_pixel_loss(name: str = "ce", *, ignore_index: int = 255, class_weight=N
     if name == "ohem":
         return lambda logits, label: pixel_cross_entropy(logits, label, ignore_index) * ohem_keep_mask(
             logits, label, ignore_index, ohem_thresh, ohem_min_kept)
-    weights = list(class_weight)
+    weights = list(class_weight or [])
 
     def balanced_ce(logits, label):
+        if not weights:
+            return pixel_cross_entropy(logits, label, ignore_index)
         if len(weights) != logits.shape[1]:
             raise ValueError(f"loss.class_weight has {len(weights)} entries, the model {logits.shape[1]} classes")
         return pixel_cross_entropy(logits, label, ignore_index, logits.new_tensor(weights, dtype=torch.float32))

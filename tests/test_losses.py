@@ -35,8 +35,15 @@ def test_balanced_ce_equals_class_weighted_ce():
     assert torch.allclose(pix[valid], plain[valid] * torch.tensor(weights)[label[valid]])
     with pytest.raises(ValueError, match="class_weight"):
         make_pixel_loss("balanced_ce", class_weight=[1.0, 2.0])(logits, label)
-    with pytest.raises(ValueError, match="class_weight"):
-        make_pixel_loss("balanced_ce")
+
+
+
+def test_balanced_ce_without_weights_warns_and_is_plain_ce(caplog):
+    logits, label = _batch()
+    with caplog.at_level("WARNING"):
+        pix = make_pixel_loss("balanced_ce")(logits, label)
+    assert "uniform weights" in caplog.text
+    assert torch.allclose(pix, pixel_cross_entropy(logits, label))
 
 
 def test_focal_gamma_zero_is_ce_and_gamma_downweights_easy_pixels():

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from hlbench.run import run, run_experiment
 from tests.conftest import REPO, TINY, compose_run
@@ -134,3 +135,11 @@ def test_evaluation_cadence_does_not_change_training(hydra_ctx, tmp_path):
     a = torch.load(Path(quiet["run_dir"]) / "checkpoints/iter_000004.pth", weights_only=False)["model"]
     b = torch.load(Path(busy["run_dir"]) / "checkpoints/iter_000004.pth", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("suite", sorted(p.stem for p in (REPO / "experiments" / "suites").glob("*.yaml")))
+def test_every_suite_dry_runs_with_profile_smoke(hydra_ctx, tmp_path, suite):
+    cfg, choices, overrides = compose_run([f"suite={suite}", "profile=smoke", "logger=none"], tmp_path)
+    summaries = run(cfg, choices, overrides)
+    assert len(summaries) == len(OmegaConf.load(REPO / "experiments/suites" / f"{suite}.yaml").experiments)
+    assert all(s["data"] == "synthetic" and s["iters"] == 8 for s in summaries)
