@@ -34,9 +34,9 @@ def _stub_mmcv_ops():
     sys.modules["mmcv.ops"] = ops
 
 
-def _resnet(depth):
-    return dict(type="ResNetV1c", depth=depth, num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 2, 4),
-                strides=(1, 2, 1, 1), norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False,
+def _resnet(depth, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1)):
+    return dict(type="ResNetV1c", depth=depth, num_stages=4, out_indices=(0, 1, 2, 3), dilations=dilations,
+                strides=strides, norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False,
                 style="pytorch", contract_dilation=True)
 
 
@@ -54,6 +54,10 @@ MMSEG_MODELS = {
         type="DepthwiseSeparableASPPHead", in_channels=2048, in_index=3, channels=512, dilations=(1, 12, 24, 36),
         c1_in_channels=256, c1_channels=48, dropout_ratio=0.1, num_classes=NUM_CLASSES,
         norm_cfg=dict(type="BN"), align_corners=False)),
+    # mmseg upernet_r50: output stride 32, UPerHead on all four stages.
+    "upernet_r50": dict(backbone=_resnet(50, dilations=(1, 1, 1, 1), strides=(1, 2, 2, 2)), decode_head=dict(
+        type="UPerHead", in_channels=[256, 512, 1024, 2048], in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
+        channels=512, dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"), align_corners=False)),
 }
 
 
