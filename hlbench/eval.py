@@ -49,6 +49,7 @@ def iou_table(metrics: dict, class_names: list[str]) -> str:
 def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     """Build cfg.model, load cfg.checkpoint, evaluate on cfg.data's val split; returns the written metrics."""
     from .data import build_datasets
+    from .data.files import check_mapped_labels
     from .engine.distributed import init_distributed
     from .engine.evaluator import evaluate, protocol_of
     from .models import build_model, load_checkpoint
@@ -60,6 +61,7 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     checkpoint = Path(cfg.checkpoint)
     info = init_distributed(cfg.device)
     val_set = build_datasets(cfg.data, cfg.seed)["val"]
+    check_mapped_labels(val_set, ignore_index=cfg.data.ignore_index)
     classes = list(val_set.classes)
     # The HL branch never runs at inference (method.md §7) but is built so the checkpoint's HL weights load and
     # its map can be scored against the data set's hardness mask.

@@ -112,7 +112,10 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     try:
         run(cfg, dict(hc.runtime.choices), list(hc.overrides.task), multirun=hc.mode.name == "MULTIRUN")
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        # Bad input (config values, files, labels) is reported in one line; HLBENCH_TRACEBACK=1 shows the trace.
+        if os.environ.get("HLBENCH_TRACEBACK"):
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -51,3 +51,14 @@ def test_ade20k_experiment(hydra_ctx, tmp_path):
                                            "model.aux.channels=16", *SHRINK], tmp_path / "out")
     (summary,) = run(cfg, choices, overrides)
     assert len(summary["final"]["IoU"]) == 150 and summary["hl_auroc"] is None
+
+
+def test_training_refuses_unmapped_validation_labels(hydra_ctx, tmp_path):
+    root = make_cityscapes(tmp_path / "cityscapes", train_ids=True)
+    # A raw labelIds file saved under the trainIds name: the classic mistake.
+    bad = sorted((root / "gtFine" / "val").rglob("*_labelTrainIds.png"))[0]
+    bad.write_bytes(next(bad.parent.glob("*_labelIds.png")).read_bytes())
+    cfg, choices, overrides = compose_run(["experiment=fullsup/pspnet_r101", f"data.root={root}", *SHRINK],
+                                          tmp_path / "out")
+    with pytest.raises(ValueError, match="labelTrainIds.png holds values"):
+        run(cfg, choices, overrides)

@@ -94,6 +94,23 @@ class LabelledFiles(Dataset):
         return self.transform(sample, sample_rng(self.aug_seed))
 
 
+def check_mapped_labels(dataset, num_files: int = 3, ignore_index: int = 255) -> None:
+    """Refuse to evaluate on unmapped labels: the first files must hold only train ids (0..C-1) or ignore.
+
+    A raw Cityscapes labelIds file silently scores garbage otherwise; checking a few files costs milliseconds.
+    """
+    load = getattr(dataset, "load_label", None)
+    if load is None:  # generated data sets have no files to get wrong
+        return
+    for index in range(min(num_files, len(dataset))):
+        values = np.unique(load(index))
+        bad = values[(values >= len(dataset.classes)) & (values != ignore_index)]
+        if bad.size:
+            raise ValueError(f"label {dataset.pairs[index][1]} holds values {bad.tolist()[:5]} outside "
+                             f"0..{len(dataset.classes) - 1} and {ignore_index}: map it to train ids first "
+                             "(python -m hlbench.data prepare ...)")
+
+
 def config_split(data_cfg, split: str) -> str:
     """data.<split>.split: the on-disk split name a pipeline split ("train" / "val") reads."""
     return config_value(config_value(data_cfg, split, "{split: <name>}", "data"), "split", "a split name",

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
 from ..data import build_datasets, normalize_batch, worker_init_fn
+from ..data.files import check_mapped_labels
 from ..methods import build_method
 from ..models import build_model
 from ..tracking import Tracker
@@ -129,6 +130,7 @@ class Trainer:
         datasets = build_datasets(cfg.data, cfg.seed)
         self.train_set, self.val_set = datasets["train"], datasets["val"]
         self.classes = list(self.train_set.classes)
+        check_mapped_labels(self.val_set, ignore_index=cfg.data.ignore_index)
         model = build_model(cfg.model, num_classes=len(self.classes), hl=cfg.hl.enabled,
                             detach_hl_features=cfg.hl.detach_features)
         self.model = _convert_norm(model, cfg.train.norm, info).to(self.device)
