@@ -48,7 +48,14 @@ def main(argv=None) -> int:
     timing.add_argument("--n", type=int, default=50)
     timing.add_argument("--config", default=None, help="data config name for the train pipeline")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as err:  # bad roots and files: one line naming them
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
+
+def _run(args) -> int:
     if args.command == "prepare":
         written, skipped = prepare_labels(args.dataset, args.root, args.workers)
         print(f"{args.dataset}: wrote {written} trainId labels, {skipped} already present")
