@@ -3,7 +3,8 @@
 Needs a scratch environment outside the repo with mmseg installed, and hlbench on the path; not imported by
 the tests:
     python3 -m venv /tmp/mmseg-venv
-    /tmp/mmseg-venv/bin/pip install torch==2.14.1 mmcv-lite==2.1.0 mmengine mmsegmentation==1.2.2 ftfy regex
+    /tmp/mmseg-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 mmcv-lite==2.1.0 mmengine \
+        mmsegmentation==1.2.2 ftfy regex omegaconf
     PYTHONPATH=. /tmp/mmseg-venv/bin/python analysis/mmseg_parity.py [--size 128]
 Each mmseg model is randomly initialised (BN statistics too), saved as an mmseg 1.x checkpoint, loaded into the
 hlbench model of the same config with hlbench.models.load_checkpoint, and both are run in eval mode on one image.
