@@ -55,6 +55,12 @@ MMSEG_MODELS = {
         type="DepthwiseSeparableASPPHead", in_channels=2048, in_index=3, channels=512, dilations=(1, 12, 24, 36),
         c1_in_channels=256, c1_channels=48, dropout_ratio=0.1, num_classes=NUM_CLASSES,
         norm_cfg=dict(type="BN"), align_corners=False)),
+    "deeplabv3_r101": dict(backbone=_resnet(101), decode_head=dict(
+        type="ASPPHead", in_channels=2048, in_index=3, channels=512, dilations=(1, 12, 24, 36), dropout_ratio=0.1,
+        num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"), align_corners=False)),
+    "fcn_r101": dict(backbone=_resnet(101), decode_head=dict(
+        type="FCNHead", in_channels=2048, in_index=3, channels=512, num_convs=2, concat_input=True,
+        dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"), align_corners=False)),
     # mmseg upernet_r50: output stride 32, UPerHead on all four stages.
     "upernet_r50": dict(backbone=_resnet(50, dilations=(1, 1, 1, 1), strides=(1, 2, 2, 2)), decode_head=dict(
         type="UPerHead", in_channels=[256, 512, 1024, 2048], in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
