@@ -182,3 +182,14 @@ def test_bench_runs_on_fixture(tmp_path, capsys):
     root = make_cityscapes(tmp_path / "cs")
     assert main(["bench", "cityscapes", "--root", str(root), "--n", "3", "--config", "cityscapes_512x1024"]) == 0
     assert "train items/s per core" in capsys.readouterr().out
+
+
+def test_check_warns_when_train_and_val_are_mapped_differently(tmp_path):
+    root = make_cityscapes(tmp_path / "cs", train_ids=True)
+    _, _, warnings = check_dataset("cityscapes", root)
+    assert not any("mapped differently" in w for w in warnings)
+    for path in (root / "gtFine" / "val").rglob("*_labelTrainIds.png"):  # only train was prepared
+        path.unlink()
+    _, errors, warnings = check_dataset("cityscapes", root)
+    (line,) = [w for w in warnings if "mapped differently" in w]
+    assert "train: trainId files" in line and "val: raw ids mapped on load" in line and errors == []

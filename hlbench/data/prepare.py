@@ -113,6 +113,13 @@ def check_dataset(name: str, root, workers: int = 1) -> tuple[dict, list[str], l
                           unit="pair"):
             errors += found
     counts = {split: len(pairs) for split, pairs in splits.items()}
+    # Each pair holds a LUT when its raw labels are mapped on the fly, None when a trainIds file is used.
+    mapping = {split: sorted({"raw ids mapped on load" if lut is not None else "trainId files"
+                              for _, _, lut in pairs}) for split, pairs in splits.items() if pairs}
+    if name != "ade20k" and len({tuple(m) for m in mapping.values()}) > 1:
+        warnings.append(f"{root}: splits are mapped differently ("
+                        + "; ".join(f"{split}: {', '.join(m)}" for split, m in mapping.items())
+                        + f"): run `python -m hlbench.data prepare {name} --root {root}` so all use trainId files")
     for split, count in counts.items():
         known = KNOWN_COUNTS[name].get(split)
         if known is not None and count != known:
