@@ -193,3 +193,26 @@ def test_check_warns_when_train_and_val_are_mapped_differently(tmp_path):
     _, errors, warnings = check_dataset("cityscapes", root)
     (line,) = [w for w in warnings if "mapped differently" in w]
     assert "train: trainId files" in line and "val: raw ids mapped on load" in line and errors == []
+
+
+@pytest.mark.parametrize("name,load", [("cityscapes", lambda root: Cityscapes(root, "val")),
+                                       ("gta5", lambda root: GTA5(root))])
+def test_mock_layouts_pass_check_and_load_as_train_ids(tmp_path, name, load):
+    root = tmp_path / name
+    assert main(["mock", name, "--root", str(root), "--n", "2", "--size", "48", "96"]) == 0
+    counts, errors, _ = check_dataset(name, root)
+    assert errors == [] and all(c == 2 for c in counts.values())
+    label = load(root)[0]["label"]
+    assert label.shape == (48, 96)
+    # Raw ids were mapped: only train ids of classes the scenes draw, plus ignore (wires are "unlabeled").
+    values = set(label.unique().tolist())
+    assert values <= {0, 1, 2, 5, 6, 7, 8, 9, 10, 13, 14, 255} and {0, 10} <= values
+    prepare_labels(name, root)
+    assert check_dataset(name, root)[1] == []
+
+
+def test_mock_refuses_a_folder_with_files(tmp_path, capsys):
+    (tmp_path / "cs").mkdir()
+    (tmp_path / "cs" / "keep.txt").write_text("real data")
+    assert main(["mock", "cityscapes", "--root", str(tmp_path / "cs"), "--n", "1"]) == 2
+    assert "is not empty" in capsys.readouterr().err and (tmp_path / "cs" / "keep.txt").read_text() == "real data"

@@ -1,4 +1,5 @@
-"""`python -m hlbench.data prepare|check|bench`: label conversion, layout validation, loading throughput."""
+"""`python -m hlbench.data prepare|check|bench|mock`: label conversion, layout validation, loading throughput,
+and synthetic scenes in a real layout for trying all of them before the data set is on disk."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from hlbench.data import ADE20K, GTA5, Cityscapes
+from hlbench.data.mock import DEFAULT_SIZES, write_mock
 from hlbench.data.prepare import check_dataset, prepare_labels
 from hlbench.data.transforms import build_train_pipeline, worker_init_fn
 
@@ -47,10 +49,16 @@ def main(argv=None) -> int:
     timing.add_argument("--root", required=True, type=Path)
     timing.add_argument("--n", type=int, default=50)
     timing.add_argument("--config", default=None, help="data config name for the train pipeline")
+    mock = sub.add_parser("mock", help="write synthetic street scenes in a data set's real layout (new folder)")
+    mock.add_argument("dataset", choices=sorted(DEFAULT_SIZES))
+    mock.add_argument("--root", required=True, type=Path)
+    mock.add_argument("--n", type=int, default=8, help="images per split")
+    mock.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="default: the data set's native resolution")
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, ValueError) as err:  # bad roots and files: one line naming them
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # bad roots and files: one line naming them
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -68,6 +76,10 @@ def _run(args) -> int:
             print(f"error: {line}")
         print(", ".join(f"{split}: {count} image/label pairs" for split, count in counts.items()) or "no pairs")
         return 2 if errors else 0
+    if args.command == "mock":
+        images = write_mock(args.dataset, args.root, args.n, args.size)
+        print(f"{args.dataset}: wrote {len(images)} synthetic image/label pairs under {args.root}")
+        return 0
     rate = bench(args.dataset, args.root, args.n, args.config)
     print(f"{args.dataset}: {rate:.2f} train items/s per core ({1000 / rate:.1f} ms/item, n={args.n})")
     return 0
