@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from .config_checks import ConfigError, check_config
+from .run import launch
 
 log = logging.getLogger("hlbench")
 
@@ -88,7 +89,7 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     experiment = HydraConfig.get().runtime.choices.get("experiment")
     try:
@@ -98,6 +99,10 @@ def main(cfg: DictConfig) -> None:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    launch(hydra_main)
 
 
 if __name__ == "__main__":

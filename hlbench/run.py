@@ -106,8 +106,31 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
     return summaries
 
 
+def known_experiments() -> list[str]:
+    root = Path(os.environ["HLBENCH_EXPERIMENTS_DIR"]) / "experiment"
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose once before Hydra starts, so that a bad override is one line naming it (Hydra prints several)."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
+            compose("config", overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as err:
+        first = str(err).splitlines()[0]
+        # Experiments live on the search path, for which Hydra lists no options.
+        options = err.options or (known_experiments() if "'experiment/" in first else [])
+        raise ConfigError(first + (f"; available: {', '.join(options)}" if options else "")) from None
+    except HydraException as err:
+        lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip() and not ln.startswith("See ")]
+        raise ConfigError("; ".join(lines)) from None
+
+
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     hc = HydraConfig.get()
     try:
@@ -118,6 +141,23 @@ def main(cfg: DictConfig) -> None:
             raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def launch(hydra_entry) -> None:
+    """Check the command line's overrides (one-line errors), then hand over to a @hydra.main entry point."""
+    args = sys.argv[1:]
+    # Hydra's own flags (--multirun sweeps, --cfg, --help) go to Hydra unchecked: sweeps do not compose as one job.
+    if not any(a.startswith("-") for a in args):
+        try:
+            check_overrides(args)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+    hydra_entry()
+
+
+def main() -> None:
+    launch(hydra_main)
 
 
 if __name__ == "__main__":

@@ -122,3 +122,21 @@ def test_iou_table_shows_nan_classes():
     table = iou_table({"IoU.a": 0.5, "Acc.a": 1.0, "IoU.b": float("nan"), "Acc.b": float("nan"),
                        "mIoU": 0.5, "mAcc": 1.0, "aAcc": 0.9}, ["a", "b"])
     assert " 50.00" in table and "nan" in table and "mIoU  50.00" in table
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + bytes(64), None], ids=["png", "truncated"])
+def test_unreadable_files_give_one_line_errors_naming_them(tmp_path, content):
+    from hlbench.engine.checkpoint import load_state
+    from hlbench.models import load_pretrained
+
+    model = _model(0)
+    path = tmp_path / "bad.pth"
+    if content is None:  # a copy cut off mid-transfer
+        torch.save({"model": model.state_dict()}, path)
+        content = path.read_bytes()[:2000]
+    path.write_bytes(content)
+    for load in (lambda: load_checkpoint(model, path), lambda: load_pretrained(model.backbone, path),
+                 lambda: load_state(path)):
+        with pytest.raises(ValueError, match=r"bad\.pth: not a readable PyTorch checkpoint") as err:
+            load()
+        assert "\n" not in str(err.value)

@@ -104,6 +104,15 @@ def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
     assert res.returncode == 2 and "nosuch" in res.stderr and "smoke" in res.stderr
 
 
+@pytest.mark.parametrize("override,named,option", [("experiment=smoke/nosuch", "experiment/smoke/nosuch", "smoke/hl"),
+                                                   ("model=nosuch", "model/nosuch", "pspnet_r101"),
+                                                   ("train.nosuch=1", "train.nosuch", "+train.nosuch=1")])
+def test_cli_unknown_option_or_key_is_one_line_with_the_choices(tmp_path, override, named, option):
+    res = _cli([override, "logger=none"], tmp_path)
+    (line,) = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and line.startswith("error:") and named in line and option in line
+
+
 def test_multirun_jobs_are_one_finished_wandb_run_each(tmp_path):
     args = ["-m", "experiment=smoke/hl", "seed=0,1", *[a for a in TINY if a != "logger=none"], "logger=wandb"]
     res = _cli(args, tmp_path, {"WANDB_MODE": "offline", "WANDB_SILENT": "true",

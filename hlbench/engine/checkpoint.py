@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.pretrained import read_torch_file
+
 _ITER_RE = re.compile(r"iter_(\d+)\.pth$")
 
 
@@ -43,10 +45,11 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def load_state(path: Path, map_location="cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """A training-state checkpoint (ours: it pickles RNG states, so it is loaded in full)."""
+    state = read_torch_file(path, safe_first=False, map_location=map_location)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
+    return state
 
 
 def model_weights(state: dict, path: Path) -> dict:

@@ -1,14 +1,10 @@
 """Loading whole-segmentor checkpoints: hlbench's own, mmsegmentation 0.x and 1.x (mmengine), incl. the HL ones."""
 
-import logging
-import pickle
 from pathlib import Path
 
 import torch
 
-from hlbench.models.pretrained import load_matching
-
-log = logging.getLogger(__name__)
+from hlbench.models.pretrained import load_matching, read_torch_file
 
 # Checkpoint key prefix -> our key prefix (None: drop the key). Our Segmentor uses mmseg's module names, so only
 # the differences are listed. Rules apply in order, so "module.weigh_head." becomes "hl_head.".
@@ -20,17 +16,6 @@ PREFIX_RENAMES = {
 
 # A checkpoint that fills less than this share of the model's tensors is the wrong file or the wrong model config.
 MIN_LOADED_FRACTION = 0.9
-
-
-def _read(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # mmengine (mmseg 1.x) checkpoints pickle non-tensor objects (message_hub, meta with numpy/config values)
-        # that the safe loader rejects. The path is a local file the user chose to evaluate, so a full unpickle
-        # is acceptable here, and only after the safe load failed.
-        log.info("%s: not loadable with weights_only=True, loading it in full (trusted local file)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _model_state(ckpt, path: Path) -> dict:
@@ -67,6 +52,5 @@ def load_checkpoint(model, path) -> dict:
     MIN_LOADED_FRACTION of the model's tensors are in the checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return load_matching(model, map_checkpoint_keys(_model_state(_read(path), path)), path, MIN_LOADED_FRACTION)
+    return load_matching(model, map_checkpoint_keys(_model_state(read_torch_file(path), path)), path,
+                         MIN_LOADED_FRACTION)

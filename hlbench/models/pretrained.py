@@ -1,6 +1,7 @@
 """Loading pretrained weights (ImageNet backbones, mmseg checkpoints) with a report of what matched."""
 
 import logging
+import pickle
 from pathlib import Path
 
 import torch
@@ -9,6 +10,34 @@ log = logging.getLogger(__name__)
 
 # A checkpoint that fills less than this share of the module's tensors is the wrong file, not a partial match.
 MIN_LOADED_FRACTION = 0.5
+
+
+def read_torch_file(path, *, safe_first: bool = True, map_location="cpu"):
+    """torch.load a local checkpoint; FileNotFoundError when missing, a one-line ValueError naming it when unreadable.
+
+    With `safe_first`, the safe loader (weights_only=True) is tried first; checkpoints that pickle non-tensor
+    objects (mmengine's message_hub and meta, our RNG state) then load in full, which is acceptable for a local
+    file the user chose, and only after the safe load failed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if safe_first:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            log.info("%s: not loadable with weights_only=True, loading it in full (trusted local file)", path)
+        except Exception as err:  # truncated or not a torch file: torch raises RuntimeError, EOFError, ...
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})") from err
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({_first_line(err)})") from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:120]}" if text else type(err).__name__
 
 
 def _unwrap(ckpt, path):
@@ -29,7 +58,7 @@ def load_pretrained(module, path, expected_prefix=""):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    state = _unwrap(torch.load(path, map_location="cpu", weights_only=True), path)
+    state = _unwrap(read_torch_file(path), path)
     own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
     for prefix in ("module.", "backbone."):
         if not any(k.startswith(prefix) for k in own):
