@@ -29,8 +29,7 @@ DEFAULT_SIZES = {"cityscapes": (1024, 2048), "gta5": (1052, 1914)}
 
 
 def _scene(size, split: str, index: int, domain: str) -> tuple[np.ndarray, np.ndarray]:
-    img, label, _ = synthetic.generate_scene(size, seed=0, split="val" if split == "val" else "train",
-                                             index=index, domain=domain)
+    img, label, _ = synthetic.generate_scene(size, seed=0, split=split, index=index, domain=domain)
     return img, LABEL_ID_LUT[label]
 
 

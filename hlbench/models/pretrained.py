@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 MIN_LOADED_FRACTION = 0.5
 
 
-def read_torch_file(path, *, safe_first: bool = True, map_location="cpu"):
+def read_torch_file(path, *, safe_first: bool = True, map_location="cpu", what: str = "checkpoint"):
     """torch.load a local checkpoint; FileNotFoundError when missing, a one-line ValueError naming it when unreadable.
 
     With `safe_first`, the safe loader (weights_only=True) is tried first; checkpoints that pickle non-tensor
@@ -21,7 +21,7 @@ def read_torch_file(path, *, safe_first: bool = True, map_location="cpu"):
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{what} not found: {path}")
     if safe_first:
         try:
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -56,9 +56,7 @@ def load_pretrained(module, path, expected_prefix=""):
     fewer than MIN_LOADED_FRACTION of the module's tensors are found.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    state = _unwrap(read_torch_file(path), path)
+    state = _unwrap(read_torch_file(path, what="pretrained checkpoint"), path)
     own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
     for prefix in ("module.", "backbone."):
         if not any(k.startswith(prefix) for k in own):
