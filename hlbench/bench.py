@@ -15,7 +15,9 @@ import time
 import torch
 from hydra import compose, initialize_config_module
 
+from .engine.distributed import plan_batches
 from .engine.optim import build_optimizer
+from .engine.precision import autocast
 from .methods import build_method
 from .models import build_model
 
@@ -27,10 +29,11 @@ class TrainStep:
                  num_classes: int = 19, amp: bool = False):
         with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
             cfg = compose("config", overrides=[f"model={model_name}", f"hl.enabled={hl}", "logger=none"])
-        self.device, self.amp = device, amp and device.type == "cuda"
+        self.device, self.precision = device, "bf16" if amp else "fp32"
         self.model = build_model(cfg.model, num_classes=num_classes, hl=hl).to(device).train()
-        self.method = build_method(cfg, ignore_index=255)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.method = build_method(cfg)
+        self.method.setup(self.model, plan_batches({"labeled": (batch, "--batch")}, 1, batch))
+        self.optimizer = build_optimizer(self.method.param_groups(self.model), cfg.optim)
         g = torch.Generator().manual_seed(0)
         self.batch = {"img": torch.randn(batch, 3, size, size, generator=g).to(device),
                       "label": torch.randint(0, num_classes, (batch, size, size), generator=g).to(device)}
@@ -43,8 +46,8 @@ class TrainStep:
         self._sync()
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss, _ = self.method(self.model, self.batch)
+        with autocast(self.device, self.precision):
+            loss, _ = self.method.step(self.model, {"labeled": self.batch}, 0)
         loss.backward()
         self.optimizer.step()
         self._sync()

@@ -4,41 +4,35 @@ Unknown keys are already rejected by Hydra (the composed config is in struct mod
 """
 from __future__ import annotations
 
-from .hardness import IMAGE_REDUCTIONS, SCOPES
+from .engine.optim import OPTIMIZERS
+from .errors import ConfigError
+from .engine.precision import PRECISIONS
+from .hardness import IMAGE_REDUCTIONS
 from .losses import DENOMINATORS, LOSS_NAMES
+from .methods import METHODS
+from .methods.labelled_loss import HL_IGNORE_MODES, HL_SCOPES
 
+__all__ = ["CHOICES", "ConfigError", "check_config"]
+
+# Every choice list of the run config, checked here once at start; the code behind them trusts the values.
 CHOICES = {
-    "hl.scope": SCOPES,
+    "method.name": tuple(METHODS),
+    "hl.scope": HL_SCOPES,
     "hl.image_reduce": IMAGE_REDUCTIONS,
-    "hl.ignore": ("keep", "exclude"),
+    "hl.ignore": HL_IGNORE_MODES,
     "loss.ce_denominator": DENOMINATORS,
     "loss.name": LOSS_NAMES,
-    "optim.name": ("sgd", "adamw"),
+    "optim.name": OPTIMIZERS,
     "train.norm": ("bn", "syncbn"),
+    "train.precision": PRECISIONS,
     "eval.mode": ("whole", "slide"),
     "device": ("auto", "cpu", "cuda"),
     "logger.name": ("wandb", "none"),
 }
 POSITIVE_INTS = ("train.iters", "train.batch_size", "train.max_batch_per_device", "eval.batch_size",
-                 "eval.window_batch", "train.log_interval")
+                 "eval.window_batch", "train.log_interval", "train.reference.gpus", "train.reference.per_gpu")
 NON_NEGATIVE = ("hl.lam", "hl.offset", "train.num_workers", "train.eval_interval", "train.ckpt_interval",
                 "train.hl_map_interval", "optim.lr")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; reported as one line naming the key."""
-
-
-# The authors' HL knobs (method.md §13); runs matching all of them are tagged hl_variant:reference.
-HL_REFERENCE = {"lam": 0.01, "offset": 0.1, "scope": "batch", "ignore": "keep", "detach_features": True,
-                "weight_aux": False, "lr_mult": 1.0}
-
-
-def hl_variant(cfg) -> str:
-    """"reference" when every HL knob equals the authors' code, else "custom"; "off" without HL."""
-    if not cfg.hl.enabled:
-        return "off"
-    return "reference" if all(cfg.hl[k] == v for k, v in HL_REFERENCE.items()) else "custom"
 
 
 def _get(cfg, key):
@@ -65,5 +59,8 @@ def check_config(cfg) -> None:
         raise ConfigError(f"hl.group_size={cfg.hl.group_size!r} is not valid; expected an integer >= 1")
     if cfg.eval.mode == "slide" and (not cfg.eval.crop or not cfg.eval.stride):
         raise ConfigError("eval.mode=slide needs eval.crop=[h,w] and eval.stride=[h,w]")
+    if cfg.loss.focal_reference_bug and cfg.loss.name != "focal":
+        raise ConfigError(f"loss.focal_reference_bug=true reproduces a bug of the authors' focal loss; it needs "
+                          f"loss.name=focal, got {cfg.loss.name!r}")
     if cfg.hl.offset == 0:
         raise ConfigError("hl.offset=0 is not valid; expected > 0 (the offset bounds the weight ratio)")

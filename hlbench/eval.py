@@ -14,7 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from .config_checks import ConfigError, check_config
+from .config_checks import check_config
+from .errors import ConfigError
 from .run import launch
 
 log = logging.getLogger("hlbench")
@@ -70,8 +71,7 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
                         detach_hl_features=cfg.hl.detach_features)
     report = load_checkpoint(model, checkpoint)
     model.to(info.device)
-    result = evaluate(model, val_set, cfg.eval, cfg.data, info.device, classes, amp=bool(cfg.train.amp),
-                      hl_offset=cfg.hl.offset)
+    result = evaluate(model, val_set, cfg.eval, cfg.data, info.device, classes, hl_offset=cfg.hl.offset)
     out = {"experiment": experiment, "checkpoint": str(checkpoint.resolve()), "protocol": protocol_of(cfg.eval),
            "mIoU": result["metrics"]["mIoU"], "metrics": result["metrics"], "hl_auroc": result["hl_auroc"],
            "hl_auroc_kinds": result["hl_auroc_kinds"],

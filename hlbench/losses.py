@@ -16,13 +16,6 @@ log = logging.getLogger(__name__)
 DENOMINATORS = ("all_pixels", "valid_pixels")
 
 
-def resize_to(logits: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
-    """Bilinearly resize decoder-resolution logits to the label size (no-op when already there)."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
-
-
 def pixel_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255,
                         class_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Unreduced CE (N, H, W) in fp32, 0 at ignored pixels; logits must already be at label size."""
@@ -47,39 +40,55 @@ def pixel_accuracy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int 
 
 
 LOSS_NAMES = ("ce", "balanced_ce", "ohem", "focal")
+# The decode loss's log key, as mmseg names it: OHEM is a pixel sampler on CrossEntropyLoss (the authors' OHEM logs
+# say decode.loss_ce), balanced CE is CrossEntropyLoss with class weights; focal is mmseg FocalLoss's name.
+LOSS_KEYS = {"ce": "loss_ce", "balanced_ce": "loss_ce", "ohem": "loss_ce", "focal": "loss_focal"}
 
 
 def pixel_focal_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255,
                      gamma: float = 2.0) -> torch.Tensor:
-    """Unreduced softmax focal loss -(1 - p_t)^gamma log p_t (N, H, W) in fp32, 0 at ignored pixels."""
+    """Unreduced softmax focal loss -(1 - p_t)^gamma log p_t (N, H, W) in fp32, 0 at ignored pixels.
+
+    The authors' FocalSoftmax computes 2 * alpha * (1 - p_t)^gamma * CE with gamma = 2, alpha = 0.5: the same loss.
+    """
     ce = pixel_cross_entropy(logits, label, ignore_index)
     return (1 - torch.exp(-ce)) ** gamma * ce  # p_t = exp(-ce); ignored pixels have ce = 0
 
 
 @torch.no_grad()
 def ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255, thresh: float = 0.7,
-                   min_kept: int = 100000) -> torch.Tensor:
+                   min_kept: int = 100000, group: int | None = None) -> torch.Tensor:
     """Bool (N, H, W) of the valid pixels mmseg's OHEMPixelSampler keeps (logits at label size).
 
     A pixel is kept when its softmax probability of the true class is below max(thresh, p_k), p_k being the
-    k-th smallest such probability with k = min(min_kept * N, #valid - 1): mmseg scales min_kept by the images
-    in the device batch, so at least that many of the hardest pixels survive a lenient threshold.
+    k-th smallest such probability with k = min(min_kept * n, #valid - 1) over the n images the sampler sees:
+    mmseg scales min_kept by the images of one GPU's batch. `group` emulates that scope: the threshold is
+    computed per group of `group` images (None: one threshold for the whole batch).
     """
+    n = label.shape[0]
+    group = group or n
+    if n % group:
+        raise ValueError(f"OHEM groups of {group} images need a batch divisible by {group}, got {n} images")
     valid = label != ignore_index
     true_prob = logits.float().softmax(1).gather(1, label.where(valid, 0).unsqueeze(1)).squeeze(1)
-    probs = true_prob[valid].sort().values
-    if probs.numel() == 0:
-        return valid
-    kth = probs[min(min_kept * label.shape[0], probs.numel() - 1)]
-    return valid & (true_prob < torch.clamp(kth, min=thresh))
+    keep = torch.zeros_like(valid)
+    for start in range(0, n, group):
+        part = slice(start, start + group)
+        probs = true_prob[part][valid[part]].sort().values
+        if probs.numel() == 0:
+            continue
+        kth = probs[min(min_kept * group, probs.numel() - 1)]
+        keep[part] = valid[part] & (true_prob[part] < torch.clamp(kth, min=thresh))
+    return keep
 
 
 def make_pixel_loss(name: str = "ce", *, ignore_index: int = 255, class_weight=None, ohem_thresh: float = 0.7,
-                    ohem_min_kept: int = 100000, focal_gamma: float = 2.0):
+                    ohem_min_kept: int = 100000, ohem_group: int | None = None, focal_gamma: float = 2.0):
     """The decode head's per-pixel loss, a function (logits at label size, label) -> (N, H, W) fp32.
 
     Every variant is 0 at ignored pixels, so the usual reductions and HL weighting apply unchanged; like
     mmseg 0.x, balanced CE and OHEM keep the all-pixel mean (class weights / the OHEM mask scale each pixel).
+    `ohem_group`: images per OHEM threshold (the reference's per-GPU batch; see ohem_keep_mask).
     """
     if name not in LOSS_NAMES:
         raise ValueError(f"loss.name must be one of {LOSS_NAMES}, got {name!r}")
@@ -92,7 +101,7 @@ def make_pixel_loss(name: str = "ce", *, ignore_index: int = 255, class_weight=N
         return lambda logits, label: pixel_focal_loss(logits, label, ignore_index, focal_gamma)
     if name == "ohem":
         return lambda logits, label: pixel_cross_entropy(logits, label, ignore_index) * ohem_keep_mask(
-            logits, label, ignore_index, ohem_thresh, ohem_min_kept)
+            logits, label, ignore_index, ohem_thresh, ohem_min_kept, ohem_group)
     weights = list(class_weight or [])
 
     def balanced_ce(logits, label):

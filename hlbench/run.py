@@ -14,7 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .config_checks import ConfigError, check_config, hl_variant
+from .config_checks import check_config
+from .errors import ConfigError
 from .report import comparison_table
 
 log = logging.getLogger("hlbench")
@@ -61,7 +62,7 @@ def run_experiment(cfg: DictConfig, experiment: str, suite: str | None, profile:
     run_dir = run_dir_for(cfg, experiment, suite, profile, int(cfg.seed))
     meta = {"experiment": experiment, "suite": suite, "name": f"{experiment}-s{cfg.seed}",
             "tags": [cfg.model.name, cfg.data.name, "hl" if cfg.hl.enabled else "baseline", cfg.setting,
-                     f"hl_variant:{hl_variant(cfg)}"]
+                     f"method:{cfg.method.name}"]
             + ([f"profile:{profile}"] if profile else [])}
     if info.is_main:
         log.info("run folder: %s", run_dir)

@@ -63,8 +63,19 @@ def test_bad_value_names_the_key(hydra_ctx, override, key):
 
 
 def test_hl_variant_tag(hydra_ctx):
-    from hlbench.config_checks import hl_variant
-    assert hl_variant(compose("config", overrides=["hl.enabled=true"])) == "reference"
-    assert hl_variant(compose("config", overrides=["hl.scope=image"])) == "custom"
-    assert hl_variant(compose("config", overrides=["experiment=smoke/hl"])) == "custom"
-    assert hl_variant(compose("config", overrides=["experiment=smoke/baseline"])) == "off"
+    from hlbench.methods import LabelledLoss
+
+    def variant(overrides, per_device=8):
+        return LabelledLoss(compose("config", overrides=overrides), per_device).variant()
+
+    paper = ["experiment=fullsup/pspnet_r101_hl"]
+    assert variant(paper) == "reference"           # one GPU x 8 = 4 groups of 2, as 4 GPUs x 2
+    assert variant(paper, per_device=2) == "reference"
+    assert variant(paper, per_device=1) == "custom"  # 8 x 1 cannot see the other image of a reference GPU
+    assert variant(paper + ["hl.scope=batch"]) == "custom"
+    assert variant(paper + ["hl.scope=image"]) == "custom"
+    assert variant(paper + ["hl.scope=group", "hl.group_size=2"]) == "reference"
+    assert variant(["experiment=ade20k/pspnet_r50_hl"], per_device=16) == "reference"
+    assert variant(["experiment=ade20k/pspnet_r50_hl", "hl.scope=group", "hl.group_size=2"], 16) == "custom"
+    assert variant(["experiment=smoke/hl"]) == "custom"  # hl.lr_mult=10
+    assert variant(["experiment=smoke/baseline"]) == "off"

@@ -5,23 +5,32 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from hlbench.engine.checkpoint import atomic_save, latest_checkpoint, model_weights
-from hlbench.engine.distributed import plan_batch
-from hlbench.engine.optim import build_optimizer, lr_at
-from hlbench.engine.trainer import InfiniteShardedSampler
+from hlbench.data.sampling import InfiniteShardedSampler
+from hlbench.engine.checkpoint import atomic_save, latest_checkpoint
+from hlbench.engine.distributed import plan_batches
+from hlbench.engine.optim import build_optimizer, lr_at, set_lr
+from hlbench.methods import Method
 from hlbench.run import run_dir_for
 
 
 @pytest.mark.parametrize("global_batch,world,max_dev,expected", [
     (8, 1, 8, (8, 1)), (8, 4, 8, (2, 1)), (8, 1, 2, (2, 4)), (8, 2, 3, (2, 2)), (16, 1, 5, (4, 4))])
 def test_plan_batch_keeps_global_batch(global_batch, world, max_dev, expected):
-    per_dev, accum = plan_batch(global_batch, world, max_dev)
+    plan = plan_batches({"labeled": (global_batch, "train.batch_size")}, world, max_dev)
+    per_dev, accum = plan.per_device["labeled"], plan.accum
     assert (per_dev, accum) == expected and per_dev * accum * world == global_batch
 
 
 def test_plan_batch_rejects_indivisible():
-    with pytest.raises(ValueError, match="batch_size=8"):
-        plan_batch(8, 3, 8)
+    with pytest.raises(ValueError, match="train.batch_size=8"):
+        plan_batches({"labeled": (8, "train.batch_size")}, 3, 8)
+
+
+def test_streams_share_one_accumulation_count():
+    plan = plan_batches({"labeled": (8, "a"), "unlabeled": (16, "b")}, 2, 4)
+    assert plan.accum == 2 and plan.per_device == {"labeled": 2, "unlabeled": 4}
+    with pytest.raises(ValueError, match="accumulation"):
+        plan_batches({"labeled": (3, "a"), "unlabeled": (4, "b")}, 1, 2)
 
 
 def test_poly_schedule_matches_mmseg_formula():
@@ -38,12 +47,16 @@ def test_linear_warmup_then_poly():
     assert lr_at(1500, 40000, cfg) == pytest.approx(6e-5 * (1 - 1500 / 40000))
 
 
-def test_hl_branch_gets_its_lr_multiplier():
-    model = torch.nn.ModuleDict({"decode_head": torch.nn.Linear(2, 2), "hl_head": torch.nn.Linear(2, 1)})
-    cfg = OmegaConf.create({"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0})
-    opt = build_optimizer(model, cfg, hl_lr_mult=10.0)
-    assert [g["lr_mult"] for g in opt.param_groups] == [1.0, 10.0]
-    assert opt.param_groups[1]["params"][0] is model["hl_head"].weight
+def test_method_param_groups_carry_lr_multipliers():
+    model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "decode_head": torch.nn.Linear(2, 2),
+                                 "hl_head": torch.nn.Linear(2, 1)})
+    cfg = OmegaConf.create({"hl": {"lr_mult": 10.0}, "method": {"lr_mult": {"decode_head.": 2.0}}})
+    groups = Method(cfg).param_groups(model)
+    assert [g["lr_mult"] for g in groups] == [1.0, 2.0, 10.0]
+    assert groups[2]["params"] == [model["hl_head"].weight, model["hl_head"].bias]
+    opt = build_optimizer(groups, OmegaConf.create({"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0}))
+    set_lr(opt, 0.01)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.02, 0.1])
 
 
 def _take(it, n):
@@ -67,8 +80,6 @@ def test_atomic_checkpoints_and_latest(tmp_path):
     assert latest_checkpoint(tmp_path).name == "iter_000100.pth"
     assert not list(tmp_path.glob("*.tmp"))
     assert latest_checkpoint(tmp_path / "none") is None
-    with pytest.raises(ValueError, match="no 'model'"):
-        model_weights({"iter": 3}, Path("x.pth"))
 
 
 def test_run_dir_naming_and_versions(tmp_path):

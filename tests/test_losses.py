@@ -5,16 +5,26 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from hlbench.losses import make_pixel_loss, ohem_keep_mask, pixel_cross_entropy, pixel_focal_loss
-from hlbench.methods.supervised import Supervised
+from hlbench.methods import LabelledLoss
 from hlbench.models import build_model
+from hlbench.models.heads import resize
 
-HL = OmegaConf.create({"lam": 0.01, "offset": 0.1, "scope": "batch", "group_size": 2, "image_reduce": "mean",
-                       "ignore": "keep", "weight_aux": False})
+HL = {"enabled": True, "lam": 0.01, "offset": 0.1, "scope": "batch", "group_size": 2, "image_reduce": "mean",
+      "ignore": "keep", "detach_features": True, "weight_aux": False, "lr_mult": 1.0}
 
 
-def _loss_cfg(**kw):
-    return OmegaConf.create({"ce_denominator": "all_pixels", "name": "ce", "class_weight": None, "ohem_thresh": 0.7,
-                             "ohem_min_kept": 100000, "focal_gamma": 2.0, **kw})
+def _labelled_loss(per_device=2, **loss):
+    """The labelled loss for a device batch of `per_device` images (reference 1 x per_device: no grouping)."""
+    cfg = OmegaConf.create({
+        "hl": HL, "train": {"batch_size": per_device, "reference": {"gpus": 1, "per_gpu": per_device}},
+        "loss": {"ce_denominator": "all_pixels", "name": "ce", "class_weight": None, "ohem_thresh": 0.7,
+                 "ohem_min_kept": 100000, "focal_gamma": 2.0, "focal_reference_bug": False, "aux_weight": 0.4,
+                 "stage0_weight": 0.4, **loss}})
+    return LabelledLoss(cfg, per_device)
+
+
+def _step(loss_fn, model, batch):
+    return loss_fn(model(batch["img"]), batch["label"], model.align_corners)
 
 
 def _batch(n=2, c=4, h=5, w=6):
@@ -117,7 +127,7 @@ def test_cascade_hl_loss_reaches_only_the_hl_copies():
     torch.manual_seed(0)
     model = _tiny_ocrnet()
     batch = {"img": torch.randn(2, 3, 64, 64), "label": torch.randint(0, 4, (2, 64, 64))}
-    _, logs = Supervised(HL, _loss_cfg(), stage0_weight=0.4)(model, batch)
+    _, logs = _step(_labelled_loss(), model, batch)
     assert {"decode_0.loss_ce", "decode_1.loss_ce", "weight_loss", "decode_0.acc_seg"} <= set(logs)
     assert "decode.loss_ce" not in logs
     # L_h uses decode_1 only: its ratio to the decode_1 loss is -lam.
@@ -133,8 +143,8 @@ def test_cascade_stage_losses_reach_only_the_decode_path():
     torch.manual_seed(0)
     model = _tiny_ocrnet()
     batch = {"img": torch.randn(2, 3, 64, 64), "label": torch.randint(0, 4, (2, 64, 64))}
-    _, logs = Supervised(HL, _loss_cfg(name="focal"), stage0_weight=0.4)(model, batch)
-    (logs["decode_0.loss_ce"] + logs["decode_1.loss_ce"]).backward()
+    _, logs = _step(_labelled_loss(name="focal"), model, batch)
+    (logs["decode_0.loss_focal"] + logs["decode_1.loss_focal"]).backward()
     grads = {name: p.grad for name, p in model.named_parameters()}
     assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if n.startswith("hl_head."))
     assert grads["decode_head.0.conv_seg.weight"].abs().sum() > 0
@@ -147,8 +157,54 @@ def test_cascade_stage0_weight_without_hl():
     model.hl_head = None
     batch = {"img": torch.randn(2, 3, 64, 64), "label": torch.randint(0, 4, (2, 64, 64))}
     torch.manual_seed(1)
-    _, a = Supervised(HL, _loss_cfg(), stage0_weight=0.4)(model, batch)
+    _, a = _step(_labelled_loss(), model, batch)
     torch.manual_seed(1)
-    _, b = Supervised(HL, _loss_cfg(), stage0_weight=1.0)(model, batch)
+    _, b = _step(_labelled_loss(stage0_weight=1.0), model, batch)
     assert "weight_loss" not in a and torch.allclose(a["decode_0.loss_ce"] / 0.4, b["decode_0.loss_ce"])
     assert torch.allclose(a["decode_1.loss_ce"], b["decode_1.loss_ce"])
+
+
+def test_ohem_threshold_per_group_of_images():
+    # Image 0 is all easy, image 1 all hard: one threshold over both keeps image 1's pixels only, one threshold
+    # per image (the reference's per-GPU scope with 1 image per GPU) keeps the hardest min_kept of each.
+    probs = torch.tensor([[0.95, 0.97, 0.99, 0.98], [0.1, 0.2, 0.3, 0.4]])
+    logits = torch.stack([probs.log(), (1 - probs).log()], dim=1).view(2, 2, 1, 4)
+    label = torch.zeros(2, 1, 4, dtype=torch.long)
+    together = ohem_keep_mask(logits, label, thresh=0.7, min_kept=1)
+    assert together[0].sum() == 0 and together[1].all()
+    grouped = ohem_keep_mask(logits, label, thresh=0.7, min_kept=1, group=1)
+    assert grouped[0, 0].tolist() == [True, False, False, False] and grouped[1].all()
+    with pytest.raises(ValueError, match="divisible"):
+        ohem_keep_mask(logits, label, group=3)
+
+
+def _pspnet_batch():
+    torch.manual_seed(0)
+    cfg = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "stem_channels": [8, 8, 16]},
+           "head": {"type": "psp", "in_index": 3, "channels": 8, "pool_scales": [1, 2]},
+           "aux": {"enabled": True, "in_index": 2, "channels": 8}}
+    model = build_model(cfg, num_classes=4, hl=False).train()
+    label = torch.randint(0, 4, (2, 64, 64), generator=torch.Generator().manual_seed(2))
+    label[:, :, :20] = 255
+    return model, {"img": torch.randn(2, 3, 64, 64), "label": label}
+
+
+def test_loss_keys_carry_the_loss_name():
+    model, batch = _pspnet_batch()
+    assert "decode.loss_focal" in _step(_labelled_loss(name="focal"), model, batch)[1]
+    assert "decode.loss_ce" in _step(_labelled_loss(name="ohem"), model, batch)[1]  # mmseg: a sampler on CE
+
+
+def test_focal_reference_bug_shows_void_as_class_0_to_aux_and_accuracy():
+    model, batch = _pspnet_batch()
+    torch.manual_seed(3)
+    _, right = _step(_labelled_loss(name="focal"), model, batch)
+    torch.manual_seed(3)
+    _, bug = _step(_labelled_loss(name="focal", focal_reference_bug=True), model, batch)
+    assert torch.equal(right["decode.loss_focal"], bug["decode.loss_focal"])  # the focal loss itself is right
+    corrupted = batch["label"].masked_fill(batch["label"] == 255, 0)
+    torch.manual_seed(3)  # the same dropout masks as in the steps above
+    aux = resize(model(batch["img"])["aux"], (64, 64), False)
+    assert torch.allclose(bug["aux.loss_ce"], pixel_cross_entropy(aux, corrupted).mean() * 0.4, rtol=1e-5)
+    assert not torch.allclose(bug["aux.loss_ce"], right["aux.loss_ce"])
+    assert bug["decode.acc_seg"] != right["decode.acc_seg"]

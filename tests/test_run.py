@@ -131,7 +131,8 @@ def test_ddp_two_processes_with_gloo(tmp_path):
     res = _cli(["experiment=smoke/hl", *TINY], tmp_path, launcher=launcher)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "runs/smoke-hl-smoke/seed0/summary.json").read_text())
-    assert summary["batch"] == {"global": 4, "per_device": 2, "accumulation": 1, "world_size": 2}
+    assert summary["batch"] == {"global": {"labeled": 4}, "per_device": {"labeled": 2}, "accumulation": 1,
+                                "world_size": 2}
     assert len(list(tmp_path.glob("runs/*/*"))) == 1
 
 

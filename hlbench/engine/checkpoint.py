@@ -50,13 +50,3 @@ def load_state(path: Path, map_location="cpu") -> dict:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
     return state
-
-
-def model_weights(state: dict, path: Path) -> dict:
-    """The model state dict inside one of our checkpoints (full training state or weights only)."""
-    for key in ("model", "state_dict"):
-        if key in state:
-            return state[key]
-    if all(isinstance(v, torch.Tensor) for v in state.values()):
-        return state
-    raise ValueError(f"{path}: no 'model' or 'state_dict' entry and not a plain state dict")

@@ -24,9 +24,9 @@ class DistInfo:
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Single process without a launcher; under `torchrun`, one process per device (NCCL on CUDA, gloo on CPU)."""
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    """Single process without a launcher; under `torchrun`, one process per device (NCCL on CUDA, gloo on CPU).
+
+    `device` is auto | cpu | cuda (checked with the run config)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("device=cuda was requested but torch.cuda.is_available() is False")
@@ -41,19 +41,38 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world, dev)
 
 
-def plan_batch(global_batch: int, world_size: int, max_per_device: int) -> tuple[int, int]:
-    """Split the recipe's global batch into (per-device batch, accumulation steps) keeping it exact.
+@dataclass(frozen=True)
+class BatchPlan:
+    """How each stream's global batch is laid out: world size x per-device batch x accumulation steps."""
+    world_size: int
+    accum: int
+    global_batch: dict
+    per_device: dict
+
+    def as_dict(self) -> dict:
+        return {"world_size": self.world_size, "accumulation": self.accum, "global": dict(self.global_batch),
+                "per_device": dict(self.per_device)}
+
+
+def plan_batches(streams: dict[str, tuple[int, str]], world_size: int, max_per_device: int) -> BatchPlan:
+    """Split every stream's global batch ({name: (batch, config key)}) into per-device batches and one common
+    number of accumulation steps, keeping each global batch exact.
 
     The lr and schedule of a recipe belong to its global batch, so the batch, not the lr, is what adapts to
-    the number of devices.
+    the number of devices. The accumulation count is the smallest that brings every share within
+    `max_per_device` (train.max_batch_per_device) and divides every share.
     """
-    if global_batch % world_size:
-        raise ValueError(f"train.batch_size={global_batch} is not divisible by the world size {world_size}")
-    share = global_batch // world_size
-    for accum in range(1, share + 1):
-        if share % accum == 0 and share // accum <= max_per_device:
-            return share // accum, accum
-    raise AssertionError("unreachable: accum = share always fits")
+    shares = {}
+    for name, (batch, key) in streams.items():
+        if batch % world_size:
+            raise ValueError(f"{key}={batch} is not divisible by the world size {world_size}")
+        shares[name] = batch // world_size
+    for accum in range(1, max(shares.values()) + 1):
+        if all(s % accum == 0 and s // accum <= max_per_device for s in shares.values()):
+            return BatchPlan(world_size, accum, {n: b for n, (b, _) in streams.items()},
+                             {n: s // accum for n, s in shares.items()})
+    raise ValueError(f"per-device batches {shares} have no common number of accumulation steps that fits "
+                     f"train.max_batch_per_device={max_per_device}")
 
 
 def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -10,7 +9,8 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import normalize_batch
 from ..hardness import hardness_map
-from ..losses import pixel_cross_entropy, resize_to
+from ..losses import pixel_cross_entropy
+from ..models.heads import resize
 from ..metrics import ConfusionMatrix, binary_auroc
 
 # Pixels per image scored for the AUROC: enough for a stable estimate, cheap to gather across ranks.
@@ -34,8 +34,11 @@ def _stack_by_shape(items: list[dict]) -> list[dict]:
             for grp in groups.values()]
 
 
-def _autocast(device: torch.device, amp: bool):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+def hardness_kinds(dataset) -> dict:
+    """{kind: bit} of the data set's ground-truth hardness mask (synthetic data); {} where it has none."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dict(getattr(dataset, "hard_bits", None) or {})
 
 
 def evaluate(model, dataset, *args, **kwargs) -> dict:
@@ -50,8 +53,11 @@ def evaluate(model, dataset, *args, **kwargs) -> dict:
 
 @torch.no_grad()
 def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_names: list[str],
-             *, amp: bool = False, num_panel: int = 0, hl_offset: float = 0.1) -> dict:
-    """Evaluate `model` (unwrapped Segmentor) on `dataset` with the recipe's protocol.
+              *, num_panel: int = 0, hl_offset: float = 0.1) -> dict:
+    """Evaluate `model` (unwrapped Segmentor) on `dataset` with the recipe's protocol, in fp32.
+
+    The HL branch, which inference never needs, runs only where it can be scored (a data set with a hardness
+    mask, for the AUROC) and for the first `num_panel` images (the HL-map panel).
 
     Returns {"metrics": mmseg-style dict, "hl_auroc": float|None, "hl_auroc_kinds": {"hl_auroc.<kind>": ...},
     "panel": dict of the first images or None}.
@@ -65,35 +71,34 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
     loader = DataLoader(shard, batch_size=eval_cfg.batch_size, collate_fn=list, num_workers=0)
     cm = ConfusionMatrix(len(class_names), data_cfg.ignore_index, device=device)
     has_hl = getattr(model, "hl_head", None) is not None
-    score_hl = has_hl and eval_cfg.hl_auroc
+    bits = hardness_kinds(dataset)
+    score_hl = has_hl and eval_cfg.hl_auroc and bool(bits)
     scores, targets, panel = [], [], None
     for items in loader:
         for batch in _stack_by_shape(items):
             img = normalize_batch(batch["img"].to(device), data_cfg.mean, data_cfg.std)
             label = batch["label"].to(device)
-            with _autocast(device, amp):
-                logits = model.predict(img, mode=eval_cfg.mode, crop=eval_cfg.crop, stride=eval_cfg.stride,
-                                       window_batch=eval_cfg.window_batch)
-            logits = resize_to(logits.float(), label.shape[-2:], model.align_corners)
+            logits = model.predict(img, mode=eval_cfg.mode, crop=eval_cfg.crop, stride=eval_cfg.stride,
+                                   window_batch=eval_cfg.window_batch)
+            logits = resize(logits.float(), label.shape[-2:], model.align_corners)
             pred = logits.argmax(1)
             cm.update(pred, label)
+            k = min(num_panel, img.shape[0]) if panel is None and rank == 0 else 0
+            hl_images = img.shape[0] if score_hl else k
             hl = None
-            if has_hl and (score_hl or (panel is None and num_panel)):
-                with _autocast(device, amp):
-                    hl = hardness_map(resize_to(model.predict_hl(img).float(), label.shape[-2:],
-                                                model.align_corners), hl_offset)
+            if has_hl and hl_images:
+                hl = hardness_map(resize(model.predict_hl(img[:hl_images]).float(), label.shape[-2:],
+                                         model.align_corners), hl_offset)
             if score_hl and batch["hard"].numel():
                 _sample_auroc_pixels(hl, batch["hard"].to(device), label, batch["index"], data_cfg.ignore_index,
                                      scores, targets)
-            if panel is None and num_panel and rank == 0:
-                k = min(num_panel, img.shape[0])
+            if k:
                 panel = {"images": batch["img"][:k], "labels": label[:k].cpu(), "preds": pred[:k].cpu(),
                          "hl": hl[:k].cpu() if hl is not None else None, "hard": batch["hard"][:k],
                          "loss": pixel_cross_entropy(logits[:k], label[:k], data_cfg.ignore_index).cpu()}
     cm.all_reduce()
     metrics = cm.compute(class_names)
-    auroc = _hardness_aurocs(scores, targets, getattr(dataset, "hard_bits", {}),
-                             data_cfg.get("hard_kinds")) if score_hl else {}
+    auroc = _hardness_aurocs(scores, targets, bits, data_cfg.get("hard_kinds")) if score_hl else {}
     model.train(was_training)
     return {"metrics": metrics, "hl_auroc": auroc.get("hl_auroc"), "hl_auroc_kinds": auroc, "panel": panel}
 

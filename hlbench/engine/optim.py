@@ -6,18 +6,14 @@ import torch
 OPTIMIZERS = ("sgd", "adamw")
 
 
-def build_optimizer(model: torch.nn.Module, cfg, hl_lr_mult: float = 1.0) -> torch.optim.Optimizer:
-    """One optimiser for the whole model; the HL branch is an ordinary param group (method.md §6)."""
-    hl = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("hl_head.")]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("hl_head.")]
-    groups = [{"params": rest, "lr_mult": 1.0}]
-    if hl:
-        groups.append({"params": hl, "lr_mult": float(hl_lr_mult)})
+def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
+    """One optimiser over the method's param groups ({"params", "lr_mult"}; Method.param_groups).
+
+    The HL branch is an ordinary param group of the same optimiser (method.md §6).
+    """
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {cfg.name!r}")
+        return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
 def lr_at(it: int, total: int, cfg) -> float:

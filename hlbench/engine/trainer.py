@@ -10,76 +10,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
 from tqdm import tqdm
 
-from ..data import build_datasets, normalize_batch, worker_init_fn
+from ..data import build_datasets, normalize_batch
 from ..data.files import check_mapped_labels
+from ..data.sampling import stream_loader
 from ..methods import build_method
-from ..models import build_model
+from ..models import build_model, load_checkpoint
 from ..tracking import Tracker
 from . import checkpoint as ckpt
-from .distributed import DistInfo, all_reduce_mean, barrier, plan_batch
+from .distributed import DistInfo, all_reduce_mean, barrier, plan_batches
 from .evaluator import evaluate, protocol_of
 from .optim import build_optimizer, lr_at, set_lr
+from .precision import allow_tf32, autocast
 
 log = logging.getLogger("hlbench")
 
 
-class InfiniteShardedSampler(Sampler):
-    """Endless reshuffled passes over the data set, sharded by rank, resumable at any sample.
-
-    Yields (index, sample_seed): the seed makes each sample's augmentation a function of the run seed and the
-    sample's position in the stream, independent of worker count and of where a run was resumed.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int, world: int, start: int = 0):
-        self.size, self.seed, self.rank, self.world, self.start = size, seed, rank, world, start
-        self.per_rank = math.ceil(size / world)
-
-    def __iter__(self):
-        k = self.start
-        while True:
-            epoch, pos = divmod(k, self.per_rank)
-            perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-            perm = perm.repeat(math.ceil(self.per_rank * self.world / self.size))[: self.per_rank * self.world]
-            for idx in perm[self.rank::self.world][pos:].tolist():
-                yield idx, (self.seed * 1_000_003 + k * self.world + self.rank) % 2**32
-                k += 1
-
-
-class SeededSamples(torch.utils.data.Dataset):
-    """Seeds every RNG an augmentation might use from the sampler's per-sample seed, then loads the sample."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        idx, seed = key
-        # Forked so that with num_workers=0 the training process's own RNG stream (dropout) is untouched.
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(seed)
-            np.random.seed(seed)
-            torch.manual_seed(seed)
-            item = self.dataset[idx]
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        return item
-
-
-def _autocast(device, amp):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
-
-
 def _convert_norm(model, norm: str, info: DistInfo):
-    if norm not in ("bn", "syncbn"):
-        raise ValueError(f"train.norm must be bn or syncbn, got {norm!r}")
     if norm == "syncbn":
         if info.device.type == "cuda" and info.world_size > 1:
             return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -88,10 +39,12 @@ def _convert_norm(model, norm: str, info: DistInfo):
     return model
 
 
-def _summary_entry(it: int, metrics: dict, protocol: dict, weights: str, class_names: list[str]) -> dict:
+def _summary_entry(it: int, metrics: dict, protocol: dict, weights: str, model: str, class_names: list[str]) -> dict:
+    """One evaluation for summary.json; `weights` says which file and `model` which of the method's weights
+    (student or teacher) produced it."""
     return {"iter": it, "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"],
             "IoU": {c: metrics[f"IoU.{c}"] for c in class_names},
-            "protocol": {**protocol, "weights": weights}}
+            "protocol": {**protocol, "weights": weights, "model": model}}
 
 
 def _report_iou(metrics: dict, classes: list[str]) -> float | None:
@@ -126,32 +79,36 @@ class Trainer:
         random.seed(cfg.seed + info.rank)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
+            allow_tf32(cfg.train.tf32)
 
         datasets = build_datasets(cfg.data, cfg.seed)
-        self.train_set, self.val_set = datasets["train"], datasets["val"]
-        self.classes = list(self.train_set.classes)
+        self.val_set = datasets["val"]
+        self.classes = list(datasets["train"].classes)
+        self.palette = getattr(datasets["train"], "palette", None)
         check_mapped_labels(self.val_set, ignore_index=cfg.data.ignore_index)
         model = build_model(cfg.model, num_classes=len(self.classes), hl=cfg.hl.enabled,
                             detach_hl_features=cfg.hl.detach_features)
         self.model = _convert_norm(model, cfg.train.norm, info).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.method = build_method(cfg, cfg.data.ignore_index)
-        self.optimizer = build_optimizer(self.model, cfg.optim, cfg.hl.lr_mult)
-        self.per_device, self.accum = plan_batch(cfg.train.batch_size, info.world_size,
-                                                 cfg.train.max_batch_per_device)
+        self.method = build_method(cfg)
+        self.streams = self.method.streams(datasets)
+        self.plan = plan_batches({name: (s.batch_size, s.key) for name, s in self.streams.items()},
+                                 info.world_size, cfg.train.max_batch_per_device)
+        self.method.setup(self.model, self.plan)
+        self.optimizer = build_optimizer(self.method.param_groups(self.model), cfg.optim)
         self.total = int(cfg.train.iters)
-        self.amp = bool(cfg.train.amp)
+        self.precision = cfg.train.precision
         self.protocol = protocol_of(cfg.eval)
         self.step_times: list[float] = []  # per logging window, for the s/iter reported next to the paper's
         self.start_it, self.best, rng = self._restore()
         self.tracker = Tracker(
             run_dir, cfg, logger=cfg.logger.name, project=cfg.logger.project, group=meta["suite"],
-            job_type=cfg.setting, tags=meta["tags"], name=meta["name"], class_names=self.classes,
-            palette=getattr(self.train_set, "palette", None), rank=info.rank,
+            job_type=cfg.setting, tags=meta["tags"] + self.method.tags(), name=meta["name"],
+            class_names=self.classes, palette=self.palette, rank=info.rank,
             resumed_from=self.start_it if rng is not None else None,
-            env_extra={"world_size": info.world_size, "seed": int(cfg.seed), "global_batch": int(cfg.train.batch_size),
-                       "per_device_batch": self.per_device, "accumulation": self.accum})
+            env_extra={"world_size": info.world_size, "seed": int(cfg.seed), "batch_plan": self.plan.as_dict(),
+                       "precision": self.precision, **self.method.describe()})
         if rng is not None:
             ckpt.set_rng_state(rng)
 
@@ -166,51 +123,58 @@ class Trainer:
             state = ckpt.load_state(latest)
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            self.method.load_state_dict(state.get("method", {}))
             log.info("resumed from %s (iteration %d)", latest, state["iter"])
             return state["iter"], state.get("best"), state["rng"]
         if cfg.init_from:
-            path = Path(cfg.init_from)
-            weights = ckpt.model_weights(ckpt.load_state(path), path)
-            missing, unexpected = self.model.load_state_dict(weights, strict=False)
-            log.info("init_from %s: %d tensors loaded, missing %s, unexpected %s", path,
-                     len(weights) - len(unexpected), list(missing), list(unexpected))
+            # The checkpoint loader's report (loaded / missing / unexpected) and its refusal of a file that
+            # matches fewer than half of the model's tensors.
+            load_checkpoint(self.model, Path(cfg.init_from))
         return 0, None, None
 
-    def _loader(self):
-        workers = int(self.cfg.train.num_workers)
-        sampler = InfiniteShardedSampler(len(self.train_set), self.cfg.seed, self.info.rank, self.info.world_size,
-                                         start=self.start_it * self.accum * self.per_device)
-        return DataLoader(SeededSamples(self.train_set), batch_size=self.per_device, sampler=sampler,
-                          num_workers=workers, pin_memory=self.device.type == "cuda", drop_last=True,
-                          worker_init_fn=worker_init_fn, persistent_workers=workers > 0,
-                          prefetch_factor=4 if workers else None,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))
+    def _loaders(self) -> dict:
+        """One endless, resumable loader per stream, positioned after the samples already trained on."""
+        loaders = {}
+        for i, (name, stream) in enumerate(self.streams.items()):
+            per_device = self.plan.per_device[name]
+            # Streams draw different permutations; the first keeps the run seed's.
+            loaders[name] = iter(stream_loader(
+                stream.dataset, per_device, seed=int(self.cfg.seed) + 7919 * i, rank=self.info.rank,
+                world=self.info.world_size, start=self.start_it * self.plan.accum * per_device,
+                workers=int(self.cfg.train.num_workers), pin_memory=self.device.type == "cuda"))
+        return loaders
 
     def _announce(self) -> None:
-        cfg = self.cfg
-        log.info("global batch %d = %d device(s) x %d per device x %d accumulation step(s); lr %g; %d iterations "
-                 "(%d done)", cfg.train.batch_size, self.info.world_size, self.per_device, self.accum, cfg.optim.lr,
-                 self.total, self.start_it)
-        if self.accum > 1:
-            log.warning("gradient accumulation: BatchNorm statistics come from batches of %d, not %d",
-                        self.per_device, cfg.train.batch_size // self.info.world_size)
+        cfg, plan = self.cfg, self.plan
+        batches = ", ".join(f"{name} {plan.global_batch[name]} = {plan.world_size} device(s) x "
+                            f"{plan.per_device[name]}" for name in plan.per_device)
+        log.info("global batch %s x %d accumulation step(s); lr %g; %s; %d iterations (%d done)", batches,
+                 plan.accum, cfg.optim.lr, self.precision, self.total, self.start_it)
+        facts = self.method.describe()
+        if "grouping" in facts:
+            log.info("per-GPU scope: %s; hl_variant %s", facts["grouping"], facts["hl_variant"])
+        if plan.accum > 1:
+            log.warning("gradient accumulation: BatchNorm statistics come from batches of %s, not %s",
+                        dict(plan.per_device), {n: b // plan.world_size for n, b in plan.global_batch.items()})
 
     def _to_device(self, batch) -> dict:
+        """The batch on the device: the image normalised (padding at exactly 0), other tensors moved as they are."""
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()
+               if torch.is_tensor(v) and k not in ("img", "img_hw")}
         img = normalize_batch(batch["img"].to(self.device, non_blocking=True), self.cfg.data.mean,
                               self.cfg.data.std, img_hw=batch["img_hw"].to(self.device))
-        if self.channels_last:
-            img = img.contiguous(memory_format=torch.channels_last)
-        return {"img": img, "label": batch["label"].to(self.device, non_blocking=True)}
+        out["img"] = img.contiguous(memory_format=torch.channels_last) if self.channels_last else img
+        return out
 
     def fit(self, hooks: dict) -> dict:
-        cfg, info = self.cfg, self.info
+        cfg, info, accum = self.cfg, self.info, self.plan.accum
         if info.is_main:
             self._announce()
         train_model = torch.compile(self.model) if cfg.train.compile else self.model
         if info.world_size > 1:
             train_model = DistributedDataParallel(
                 train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        batches = iter(self._loader())
+        loaders = self._loaders()
         window = _Window()
         bar = tqdm(total=self.total, initial=self.start_it, disable=not info.is_main, desc=self.meta["name"],
                    dynamic_ncols=True, mininterval=5)
@@ -220,20 +184,21 @@ class Trainer:
             lr = lr_at(it, self.total, cfg.optim)
             set_lr(self.optimizer, lr)
             self.optimizer.zero_grad(set_to_none=True)
-            for micro in range(self.accum):
+            for micro in range(accum):
                 t0 = time.perf_counter()
-                batch = next(batches)
+                batches = {name: self._to_device(next(loader)) for name, loader in loaders.items()}
                 window.data += time.perf_counter() - t0
                 # Under DDP, gradients are all-reduced only on the last accumulation step.
-                sync = micro == self.accum - 1 or info.world_size == 1
-                with (nullcontext() if sync else train_model.no_sync()), _autocast(self.device, self.amp):
-                    loss, logs = self.method(train_model, self._to_device(batch))
-                (loss / self.accum).backward()
-                window.add(logs, self.accum)
+                sync = micro == accum - 1 or info.world_size == 1
+                with (nullcontext() if sync else train_model.no_sync()), autocast(self.device, self.precision):
+                    loss, logs = self.method.step(train_model, batches, it)
+                (loss / accum).backward()
+                window.add(logs, accum)
             if cfg.train.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
             self.optimizer.step()
             done = it + 1
+            self.method.after_step(self.model, done)
             window.n += 1
             bar.update(1)
             if done % cfg.train.log_interval == 0 or done == self.total:
@@ -245,7 +210,7 @@ class Trainer:
                 window = _Window()
             t_eval = time.perf_counter()
             if done < self.total and _every(cfg.train.eval_interval, done):
-                self._update_best(done, self.evaluate(done)["metrics"])
+                self._update_best(done, self.evaluate(done))
             elif done < self.total and cfg.hl.enabled and _every(cfg.train.hl_map_interval, done):
                 self._hl_snapshot(done)
             # The logged `time` is the training step alone; evaluations report their own eval_time.
@@ -260,11 +225,14 @@ class Trainer:
         return self._finish(time.perf_counter() - train_start)
 
     def evaluate(self, it: int, dataset=None, score_hl: bool = True) -> dict:
-        """The recipe's protocol on `dataset` (default: val), logged as a val line plus the HL-map panel."""
+        """The recipe's protocol on `dataset` (default: val) with the method's eval weights, logged as a val line
+        plus the HL-map panel. Evaluation is fp32 whatever the training precision."""
         t0 = time.perf_counter()
+        module, which = self.method.eval_model(self.model)
         eval_cfg = self.cfg.eval if score_hl else OmegaConf.create({**_plain(self.cfg.eval), "hl_auroc": False})
-        result = evaluate(self.model, dataset or self.val_set, eval_cfg, self.cfg.data, self.device, self.classes,
-                          amp=self.amp, num_panel=self.cfg.eval.num_hl_maps, hl_offset=self.cfg.hl.offset)
+        result = evaluate(module, dataset or self.val_set, eval_cfg, self.cfg.data, self.device, self.classes,
+                          num_panel=self.cfg.eval.num_hl_maps, hl_offset=self.cfg.hl.offset)
+        result["weights"] = which
         if dataset is None:
             self.tracker.log("val", it, {**result["metrics"], **result["hl_auroc_kinds"],
                                          "eval_time": time.perf_counter() - t0})
@@ -293,32 +261,39 @@ class Trainer:
     def _save(self, it: int) -> None:
         if self.info.is_main:
             ckpt.atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "iter": it, "best": self.best, "rng": ckpt.rng_state()},
+                              "method": self.method.state_dict(), "iter": it, "best": self.best,
+                              "rng": ckpt.rng_state()},
                              self.ckpt_dir / f"iter_{it:06d}.pth")
         barrier()
 
-    def _update_best(self, it: int, metrics: dict) -> None:
-        """Keep the best evaluation so far and its weights (checkpoints/best.pth)."""
+    def _update_best(self, it: int, result: dict) -> None:
+        """Keep the best evaluation so far and the weights that produced it (checkpoints/best.pth)."""
+        metrics = result["metrics"]
         if self.best is not None and not metrics["mIoU"] > self.best["mIoU"]:
             return
+        module, which = self.method.eval_model(self.model)
         if self.info.is_main:
-            ckpt.atomic_save({"model": self.model.state_dict(), "iter": it}, self.ckpt_dir / "best.pth")
-        self.best = _summary_entry(it, metrics, self.protocol, f"checkpoints/best.pth (iter {it})", self.classes)
+            ckpt.atomic_save({"model": module.state_dict(), "iter": it, "weights": which},
+                             self.ckpt_dir / "best.pth")
+        self.best = _summary_entry(it, metrics, self.protocol, f"checkpoints/best.pth (iter {it})", which,
+                                   self.classes)
 
     def _finish(self, train_time: float) -> dict:
         """The recipe's protocol on the final weights (the mmseg tables report this LAST value, results.md §1)."""
         cfg, total = self.cfg, self.total
         final = self.evaluate(total)
-        self._update_best(total, final["metrics"])
+        self._update_best(total, final)
         report_classes = list(cfg.data.get("report_classes") or [])
         summary = {
             "experiment": self.meta["experiment"], "suite": self.meta["suite"], "seed": int(cfg.seed),
-            "iters": total, "setting": cfg.setting, "hl": bool(cfg.hl.enabled), "model": cfg.model.name,
-            "data": cfg.data.name, "train_time_s": round(train_time, 2), "resumed_from": self.start_it or None,
+            "iters": total, "setting": cfg.setting, "method": cfg.method.name, "hl": bool(cfg.hl.enabled),
+            "model": cfg.model.name, "data": cfg.data.name, "precision": self.precision,
+            "train_time_s": round(train_time, 2), "resumed_from": self.start_it or None,
             "s_per_iter": float(np.median(self.step_times)) if self.step_times else None,
             "memory_mb": (int(torch.cuda.max_memory_allocated(self.device) / 2**20)
                           if self.device.type == "cuda" else None),
-            "final": _summary_entry(total, final["metrics"], self.protocol, f"final (iter {total})", self.classes),
+            "final": _summary_entry(total, final["metrics"], self.protocol, f"final (iter {total})",
+                                    final["weights"], self.classes),
             "best": self.best,
             "hl_auroc": final["hl_auroc"],
             "hl_auroc_kinds": final["hl_auroc_kinds"],
@@ -326,8 +301,8 @@ class Trainer:
             "report_classes": report_classes,
             "report_IoU": _report_iou(final["metrics"], report_classes),
             "paper": _plain(cfg.paper),
-            "batch": {"global": int(cfg.train.batch_size), "per_device": self.per_device,
-                      "accumulation": self.accum, "world_size": self.info.world_size},
+            "batch": self.plan.as_dict(),
+            **self.method.describe(),
         }
         self.tracker.write_summary(summary)
         self.tracker.finish(exit_code=0)

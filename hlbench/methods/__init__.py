@@ -1,16 +1,13 @@
-"""Training methods: each turns a batch into (loss, logs) for the shared train loop; HL plugs into any of them."""
-from omegaconf import OmegaConf
-
+"""Training methods the shared loop drives (base.Method); HL plugs into any of them via the labelled loss."""
+from .base import Method, Stream
+from .labelled_loss import LabelledLoss
 from .supervised import Supervised
 
 METHODS = {"supervised": Supervised}
 
+__all__ = ["METHODS", "LabelledLoss", "Method", "Stream", "Supervised", "build_method"]
 
-def build_method(cfg, ignore_index: int):
-    """The method named by cfg.method.name, configured from the run config."""
-    name = cfg.method.name
-    if name not in METHODS:
-        raise ValueError(f"method.name must be one of {sorted(METHODS)}, got {name!r}")
-    stage0_weight = OmegaConf.select(cfg, "model.head.stage0.weight", default=0.4)
-    return METHODS[name](hl=cfg.hl, loss=cfg.loss, ignore_index=ignore_index, aux_weight=cfg.model.aux.weight,
-                         stage0_weight=stage0_weight)
+
+def build_method(cfg) -> Method:
+    """The method named by cfg.method.name (validated by hlbench.config_checks), configured from the run config."""
+    return METHODS[cfg.method.name](cfg)

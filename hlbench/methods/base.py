@@ -1,0 +1,89 @@
+"""The method interface the shared train loop drives (hlbench.engine.trainer).
+
+A method owns what is particular to it: its data streams, its losses, any extra state (an EMA teacher, memory
+queues) and which weights are evaluated. The loop owns everything else: loaders, accumulation, the schedule,
+checkpoints (which store `state_dict()`), evaluation and tracking.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One training data stream: a data set and its GLOBAL batch, kept whatever the number of devices.
+
+    Args:
+        key: the config key the batch comes from, named in batch-plan errors.
+    """
+    dataset: torch.utils.data.Dataset
+    batch_size: int
+    key: str = "train.batch_size"
+
+
+class Method:
+    """Base class of training methods. Subclasses implement `streams` and `step`; the rest has defaults.
+
+    The loop calls, in order: `streams(datasets)`, `setup(model, plan)` once the batch plan is known, then per
+    iteration `step(model, batches, it)` for every accumulation step and `after_step(model, it)` after the
+    optimiser step; `eval_model(model)` before each evaluation; `state_dict()` at each checkpoint and
+    `load_state_dict()` on resume.
+    """
+
+    name = "method"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def streams(self, datasets: dict) -> dict[str, Stream]:
+        """{stream name: Stream} from the built data sets ({"train", "val"}); the first stream leads the plan."""
+        raise NotImplementedError
+
+    def setup(self, model: torch.nn.Module, plan) -> None:
+        """Called once with the model (unwrapped) and the loop's BatchPlan (per-device batches, accumulation)."""
+
+    def step(self, model, batches: dict[str, dict], it: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss to backpropagate, {log key: scalar tensor}) for one micro-batch of every stream.
+
+        `model` is what the loop trains (DDP-wrapped or compiled); `it` is the 0-based iteration.
+        """
+        raise NotImplementedError
+
+    def after_step(self, model: torch.nn.Module, it: int) -> None:
+        """After the optimiser step of iteration `it` (1-based count of steps done), e.g. an EMA update."""
+
+    def eval_model(self, model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+        """(module to evaluate, "student" | "teacher"): which weights produce the reported numbers."""
+        return model, "student"
+
+    def lr_multipliers(self) -> dict[str, float]:
+        """{parameter-name prefix: lr multiplier}; the HL branch's comes from hl.lr_mult, others from method.lr_mult."""
+        mults = {str(k): float(v) for k, v in (self.cfg.method.get("lr_mult") or {}).items()}
+        return {"hl_head.": float(self.cfg.hl.lr_mult), **mults}
+
+    def param_groups(self, model: torch.nn.Module) -> list[dict]:
+        """Optimiser param groups [{"params", "lr_mult"}]: each parameter takes the first matching prefix's mult."""
+        mults = self.lr_multipliers()
+        groups: dict[float, list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                mult = next((m for prefix, m in mults.items() if name.startswith(prefix)), 1.0)
+                groups.setdefault(mult, []).append(param)
+        return [{"params": params, "lr_mult": mult} for mult, params in groups.items()]
+
+    def describe(self) -> dict:
+        """Facts for the start-up log, env.json and the summary (e.g. the HL normaliser in force)."""
+        return {"method": self.name}
+
+    def tags(self) -> list[str]:
+        """Extra W&B tags."""
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"method {self.name!r} has no state, but the checkpoint holds {sorted(state)}")

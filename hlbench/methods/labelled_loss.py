@@ -1,0 +1,149 @@
+"""The loss of a labelled batch, which every method calls: the decode loss (HL-weighted when the model has an HL
+branch), a cascade's stage-0 loss and the auxiliary CE, logged under mmseg's keys.
+
+Per-GPU scope. The authors ran 4 GPUs x 2 images (ADE20K 4 x 4): each GPU normalised H over its own batch and
+OHEM took its k-th probability over its own batch, and DDP averaged the GPUs' gradients. With another per-device
+batch the same numbers come from computing both per group of the reference's per-GPU batch and averaging the
+groups, so one GPU with 8 images reproduces 4 x 2 exactly (tests/test_reference_grouping.py).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..hardness import hardness_loss
+from ..losses import LOSS_KEYS, make_pixel_loss, pixel_accuracy, pixel_cross_entropy, reduce_pixel_loss
+from ..models.heads import resize
+
+log = logging.getLogger("hlbench")
+
+HL_SCOPES = ("reference", "batch", "group", "image")
+HL_IGNORE_MODES = ("keep", "exclude")
+# The authors' HL knobs (method.md §13) besides the normaliser's scope, which must equal their per-GPU batch.
+HL_REFERENCE = {"lam": 0.01, "offset": 0.1, "ignore": "keep", "detach_features": True, "weight_aux": False,
+                "lr_mult": 1.0}
+
+
+def reference_group(per_device: int, reference_per_gpu: int) -> int | None:
+    """Images per normaliser that reproduce the reference's per-GPU scope on this device, None when impossible.
+
+    Possible exactly when the device batch is a whole number of reference GPU batches; a smaller device batch
+    (e.g. 8 GPUs x 1 for a 4 x 2 recipe) cannot see the images another device holds.
+    """
+    return reference_per_gpu if per_device % reference_per_gpu == 0 else None
+
+
+class LabelledLoss:
+    """(total, logs) for a model output dict and labels. Keys, as mmseg's:
+
+    decode.<loss key> (loss_ce, or loss_focal: the HL-weighted L_s when HL is on), decode.acc_seg, aux.loss_ce,
+    aux.acc_seg, weight_loss (L_h), loss (their sum: mmseg totals every key containing "loss"). A cascade (OCRNet)
+    logs decode_0.* (stage 0, x loss.stage0_weight) and decode_1.* instead of decode.*.
+
+    Args:
+        cfg: the run config (hl, loss, train.reference, train.batch_size).
+        per_device: images per device micro-batch, which decides the per-GPU grouping.
+    """
+
+    def __init__(self, cfg, per_device: int, ignore_index: int = 255):
+        self.hl, loss = cfg.hl, cfg.loss
+        self.ignore_index = ignore_index
+        self.per_device = per_device
+        ref = cfg.train.reference
+        self.reference = (int(ref.gpus), int(ref.per_gpu))
+        self.global_batch = int(cfg.train.batch_size)
+        self.group = reference_group(per_device, self.reference[1])
+        self.loss_name, self.loss_key = loss.name, LOSS_KEYS[loss.name]
+        self.denominator = loss.ce_denominator
+        self.aux_weight, self.stage0_weight = float(loss.aux_weight), float(loss.stage0_weight)
+        self.focal_bug = bool(loss.focal_reference_bug)
+        self.decode_loss = make_pixel_loss(loss.name, ignore_index=ignore_index, class_weight=loss.class_weight,
+                                           ohem_thresh=loss.ohem_thresh, ohem_min_kept=loss.ohem_min_kept,
+                                           ohem_group=self.group, focal_gamma=loss.focal_gamma)
+        self.scope, self.group_size = self._hl_scope()
+
+    def _hl_scope(self) -> tuple[str, int]:
+        """(hardness_loss scope, group size) for hl.scope; "reference" becomes groups of the reference batch."""
+        scope = self.hl.scope
+        if scope == "reference":
+            return ("group", self.group) if self.group is not None else ("batch", self.per_device)
+        return scope, int(self.hl.group_size)
+
+    @property
+    def normaliser_images(self) -> int:
+        """Images that share one HL normaliser."""
+        return {"batch": self.per_device, "image": 1}.get(self.scope, self.group_size)
+
+    def grouping(self) -> str:
+        """The start-up line's account of the per-GPU scope in force for the HL normaliser and OHEM."""
+        gpus, per_gpu = self.reference
+        parts = [f"reference {gpus} GPU(s) x {per_gpu}, device batch {self.per_device}"]
+        if self.group is None:
+            parts.append(f"not a multiple of {per_gpu}, so the reference per-GPU scope cannot be reproduced")
+        if self.hl.enabled:
+            parts.append(f"HL normaliser over {self.normaliser_images} image(s) (hl.scope={self.hl.scope})")
+        if self.loss_name == "ohem":
+            parts.append(f"OHEM threshold over {self.group or self.per_device} image(s)")
+        return "; ".join(parts)
+
+    def variant(self) -> str:
+        """"reference" only when every HL knob and the normaliser's scope and the global batch equal the authors'."""
+        if not self.hl.enabled:
+            return "off"
+        gpus, per_gpu = self.reference
+        same = (all(self.hl[k] == v for k, v in HL_REFERENCE.items()) and self.normaliser_images == per_gpu
+                and self.global_batch == gpus * per_gpu and (self.scope == "batch" or self.hl.image_reduce == "mean"))
+        return "reference" if same else "custom"
+
+    def _parts(self, n: int) -> int:
+        """Normalisation scopes in a batch of n (H sums to 1 over each), for a mean-scaled weighted loss."""
+        if self.scope == "batch" or self.hl.image_reduce == "sum":
+            return 1
+        return n if self.scope == "image" else n // self.group_size
+
+    def _reduce(self, pixel_loss, label, weights):
+        """Plain mean of a per-pixel loss, or its sg(H)-weighted sum when HL weights are given."""
+        if weights is None:
+            return reduce_pixel_loss(pixel_loss, label, self.ignore_index, self.denominator)
+        return (weights.detach() * pixel_loss).sum() / self._parts(label.shape[0])
+
+    def __call__(self, out: dict, label: torch.Tensor, align_corners: bool):
+        size = label.shape[-2:]
+        logs: dict[str, torch.Tensor] = {}
+        # The authors' FocalSoftmax sets ignored labels to 0 in place (their focal_loss_softmax.py), so everything
+        # computed after their decode loss, its accuracy and the aux head, sees void pixels as class 0.
+        seen = label.masked_fill(label == self.ignore_index, 0) if self.focal_bug else label
+
+        # A cascade's last stage takes the decode role (HL's L_h uses it alone); earlier stages are only weighted.
+        head = "decode_1" if "out0" in out else "decode"
+        decode = resize(out["out"], size, align_corners)
+        decode_pix = self.decode_loss(decode, label)
+        weights = None
+        if "hl" in out:
+            # Sigmoid + normalisation happen after the resize to the label size, as in the reference.
+            valid = (label != self.ignore_index) if self.hl.ignore == "exclude" else None
+            logs[f"{head}.{self.loss_key}"], logs["weight_loss"], weights = hardness_loss(
+                decode_pix, resize(out["hl"], size, align_corners), lam=self.hl.lam, offset=self.hl.offset,
+                scope=self.scope, valid_mask=valid, group_size=self.group_size, image_reduce=self.hl.image_reduce)
+        else:
+            logs[f"{head}.{self.loss_key}"] = self._reduce(decode_pix, label, None)
+        logs[f"{head}.acc_seg"] = pixel_accuracy(decode.detach(), seen, self.ignore_index)
+
+        if "out0" in out:
+            # The authors' cascade multiplies the same sg(H) into both stages' per-pixel losses (method §8).
+            stage0 = resize(out["out0"], size, align_corners)
+            logs[f"decode_0.{self.loss_key}"] = self._reduce(self.decode_loss(stage0, label), label,
+                                                             weights) * self.stage0_weight
+            logs["decode_0.acc_seg"] = pixel_accuracy(stage0.detach(), label, self.ignore_index)
+
+        if "aux" in out:
+            aux = resize(out["aux"], size, align_corners)
+            aux_pix = pixel_cross_entropy(aux, seen, self.ignore_index)
+            aux_weights = weights if self.hl.weight_aux else None
+            logs["aux.loss_ce"] = self._reduce(aux_pix, seen, aux_weights) * self.aux_weight
+            logs["aux.acc_seg"] = pixel_accuracy(aux.detach(), seen, self.ignore_index)
+
+        total = sum(v for k, v in logs.items() if "loss" in k)
+        logs["loss"] = total.detach()
+        return total, logs
