@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hlbench.labels import IGNORE_INDEX
 from hlbench.metrics import binary_auroc
 
 SNAPSHOT_RE = re.compile(r"maps_(\d+)\.npz$")
@@ -67,7 +68,7 @@ def _auroc_vs_hard(scores: np.ndarray, hard: np.ndarray, valid: np.ndarray) -> f
     return binary_auroc(torch.from_numpy(scores[valid]), torch.from_numpy(hard[valid] > 0))
 
 
-def snapshot_stability(run_dir, ignore_index: int = 255) -> pd.DataFrame:
+def snapshot_stability(run_dir, ignore_index: int = IGNORE_INDEX) -> pd.DataFrame:
     """One row per consecutive pair of HL-map snapshots of a run.
 
     Columns: iter, prev_iter, hl_rank_corr / loss_rank_corr (Spearman between the two snapshots, per image over

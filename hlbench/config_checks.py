@@ -16,7 +16,7 @@ __all__ = ["CHOICES", "ConfigError", "check_config"]
 
 # Every choice list of the run config, checked here once at start; the code behind them trusts the values.
 CHOICES = {
-    "method.name": tuple(METHODS),
+    "method.name": METHODS,
     "hl.scope": HL_SCOPES,
     "hl.image_reduce": IMAGE_REDUCTIONS,
     "hl.ignore": HL_IGNORE_MODES,

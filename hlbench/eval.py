@@ -63,7 +63,7 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     checkpoint = Path(cfg.checkpoint)
     info = init_distributed(cfg.device)
     val_set = build_datasets(cfg.data, cfg.seed)["val"]
-    check_mapped_labels(val_set, ignore_index=cfg.data.ignore_index)
+    check_mapped_labels(val_set)
     classes = list(val_set.classes)
     # The HL branch never runs at inference (method.md §7) but is built so the checkpoint's HL weights load and
     # its map can be scored against the data set's hardness mask.

@@ -11,18 +11,20 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .labels import IGNORE_INDEX
+
 log = logging.getLogger(__name__)
 
 DENOMINATORS = ("all_pixels", "valid_pixels")
 
 
-def pixel_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255,
+def pixel_cross_entropy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                         class_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Unreduced CE (N, H, W) in fp32, 0 at ignored pixels; logits must already be at label size."""
     return F.cross_entropy(logits.float(), label, weight=class_weight, ignore_index=ignore_index, reduction="none")
 
 
-def reduce_pixel_loss(pixel_loss: torch.Tensor, label: torch.Tensor, ignore_index: int = 255,
+def reduce_pixel_loss(pixel_loss: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                       denominator: str = "all_pixels") -> torch.Tensor:
     """Mean of a per-pixel loss over all pixels (mmseg 0.x) or over the valid ones (PyTorch default)."""
     if denominator == "all_pixels":
@@ -32,7 +34,7 @@ def reduce_pixel_loss(pixel_loss: torch.Tensor, label: torch.Tensor, ignore_inde
     raise ValueError(f"loss.ce_denominator must be one of {DENOMINATORS}, got {denominator!r}")
 
 
-def pixel_accuracy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+def pixel_accuracy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Top-1 accuracy in percent over valid pixels (mmseg's `acc_seg`)."""
     valid = label != ignore_index
     correct = (logits.argmax(1) == label) & valid
@@ -45,7 +47,7 @@ LOSS_NAMES = ("ce", "balanced_ce", "ohem", "focal")
 LOSS_KEYS = {"ce": "loss_ce", "balanced_ce": "loss_ce", "ohem": "loss_ce", "focal": "loss_focal"}
 
 
-def pixel_focal_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255,
+def pixel_focal_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                      gamma: float = 2.0) -> torch.Tensor:
     """Unreduced softmax focal loss -(1 - p_t)^gamma log p_t (N, H, W) in fp32, 0 at ignored pixels.
 
@@ -56,7 +58,7 @@ def pixel_focal_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: in
 
 
 @torch.no_grad()
-def ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = 255, thresh: float = 0.7,
+def ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX, thresh: float = 0.7,
                    min_kept: int = 100000, group: int | None = None) -> torch.Tensor:
     """Bool (N, H, W) of the valid pixels mmseg's OHEMPixelSampler keeps (logits at label size).
 
@@ -82,7 +84,7 @@ def ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index: int 
     return keep
 
 
-def make_pixel_loss(name: str = "ce", *, ignore_index: int = 255, class_weight=None, ohem_thresh: float = 0.7,
+def make_pixel_loss(name: str = "ce", *, ignore_index: int = IGNORE_INDEX, class_weight=None, ohem_thresh: float = 0.7,
                     ohem_min_kept: int = 100000, ohem_group: int | None = None, focal_gamma: float = 2.0):
     """The decode head's per-pixel loss, a function (logits at label size, label) -> (N, H, W) fp32.
 

@@ -6,11 +6,13 @@ import math
 import torch
 import torch.distributed as dist
 
+from hlbench.labels import IGNORE_INDEX
+
 
 class ConfusionMatrix:
     """Accumulates a num_classes x num_classes confusion matrix (rows = ground truth), DDP-aware."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, device=None):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device=None):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)

@@ -36,7 +36,7 @@ def test_smoke_suite_writes_run_folders_and_table(hydra_ctx, tmp_path, capsys):
         assert [x["iter"] for x in train] == [2, 4] and all("decode.loss_ce" in x and "lr" in x for x in train)
         val = [x for x in lines if x["mode"] == "val"]
         assert val[-1]["iter"] == 4 and 0 <= val[-1]["mIoU"] <= 1 and "IoU.pole" in val[-1]
-        assert s["final"]["protocol"] == {"mode": "whole", "weights": "final (iter 4)"}
+        assert s["final"]["protocol"] == {"mode": "whole", "weights": "final (iter 4)", "model": "student"}
     assert "weight_loss" in _lines(hl["run_dir"])[0] and "weight_loss" not in _lines(base["run_dir"])[0]
     assert 0 <= hl["hl_auroc"] <= 1 and base["hl_auroc"] is None
     assert list((Path(hl["run_dir"]) / "hl_maps").glob("*.png"))

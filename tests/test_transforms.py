@@ -150,7 +150,7 @@ def test_to_tensor_dtypes_and_layout():
 def test_train_pipeline_outputs_crop_sized_tensors():
     cfg = {"resize": {"scale": [60, 40], "ratio_range": [0.5, 1.5]}, "crop": [32, 48], "cat_max_ratio": 0.75,
            "flip": 0.5, "photometric": True}
-    pipeline = build_train_pipeline(cfg, ignore_index=255)
+    pipeline = build_train_pipeline(cfg)
     for seed in range(5):
         out = pipeline(make_sample(), np.random.default_rng(seed))
         assert out["img"].shape == (3, 32, 48) and out["label"].shape == out["hard"].shape == (32, 48)
@@ -160,11 +160,11 @@ def test_train_pipeline_outputs_crop_sized_tensors():
 
 def test_pipeline_builders_reject_bad_configs():
     with pytest.raises(KeyError, match="crop"):
-        build_train_pipeline({"flip": 0.5}, 255)
+        build_train_pipeline({"flip": 0.5})
     with pytest.raises(KeyError, match="flipp"):
-        build_train_pipeline({"crop": [8, 8], "flipp": 0.5}, 255)
+        build_train_pipeline({"crop": [8, 8], "flipp": 0.5})
     with pytest.raises(ValueError, match="ratio_range"):
-        build_train_pipeline({"crop": [8, 8], "resize": {"scale": [8, 8], "ratio_range": [2, 1]}}, 255)
+        build_train_pipeline({"crop": [8, 8], "resize": {"scale": [8, 8], "ratio_range": [2, 1]}})
     out = build_test_pipeline({"resize": None})(make_sample(), None)
     assert out["img"].shape == (3, 40, 60)
 

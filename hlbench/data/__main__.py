@@ -26,7 +26,7 @@ def bench(name: str, root, n: int, config: str | None = None) -> float:
     make, default = BENCH[name]
     data_cfg = OmegaConf.load(CONF / f"{config or default}.yaml")
     worker_init_fn(0)
-    dataset = make(root, build_train_pipeline(data_cfg.train_pipeline, data_cfg.ignore_index))
+    dataset = make(root, build_train_pipeline(data_cfg.train_pipeline))
     dataset[0]  # warm-up: first-call allocations and imports
     start = time.perf_counter()
     for i in range(n):

@@ -10,8 +10,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hlbench.data.transforms import Compose, ToTensor, config_value, sample_rng
-
-IGNORE_INDEX = 255
+from hlbench.labels import IGNORE_INDEX
 
 
 def require_dir(path: Path) -> Path:
@@ -94,7 +93,7 @@ class LabelledFiles(Dataset):
         return self.transform(sample, sample_rng(self.aug_seed))
 
 
-def check_mapped_labels(dataset, num_files: int = 3, ignore_index: int = 255) -> None:
+def check_mapped_labels(dataset, num_files: int = 3, ignore_index: int = IGNORE_INDEX) -> None:
     """Refuse to evaluate on unmapped labels: the first files must hold only train ids (0..C-1) or ignore.
 
     A raw Cityscapes labelIds file silently scores garbage otherwise; checking a few files costs milliseconds.

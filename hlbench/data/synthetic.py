@@ -19,6 +19,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from hlbench.data.transforms import Compose, ToTensor, build_split_pipelines, config_value, sample_rng
+from hlbench.labels import IGNORE_INDEX
 
 CLASSES = ("road", "sidewalk", "building", "wire", "pole", "traffic light", "traffic sign", "vegetation",
            "terrain", "sky", "car", "truck")
@@ -33,7 +34,6 @@ SMALL_CLASSES = (TRAFFIC_LIGHT, TRAFFIC_SIGN)
 CONFUSABLE_PAIRS = ((ROAD, SIDEWALK), (VEGETATION, TERRAIN), (CAR, TRUCK))
 HARD_BITS = {"thin": 1, "small": 2, "boundary": 4, "confusable": 8}
 BOUNDARY_RADIUS = 2
-IGNORE_INDEX = 255
 SPLITS = ("train", "val", "unlabeled")
 
 _VEHICLE_KEYS = tuple(f"vehicle{i}" for i in range(7))

@@ -19,6 +19,8 @@ import cv2
 import numpy as np
 import torch
 
+from hlbench.labels import IGNORE_INDEX
+
 
 def config_value(cfg, key: str, expected: str, where: str):
     """cfg[key], or a KeyError naming `where.key` and what was expected."""
@@ -101,7 +103,7 @@ class TestResize:
 class RandomCrop:
     """Uniform crop of `size` [h, w] with mmseg's cat_max_ratio retry rule (10 re-draws, then unchecked)."""
 
-    def __init__(self, size, cat_max_ratio: float = 1.0, ignore_index: int = 255):
+    def __init__(self, size, cat_max_ratio: float = 1.0, ignore_index: int = IGNORE_INDEX):
         self.size = _pair(size, "crop [h, w]")
         self.cat_max_ratio, self.ignore_index = float(cat_max_ratio), int(ignore_index)
 
@@ -183,7 +185,7 @@ class PhotoMetricDistortion:
 class Pad:
     """Pads bottom/right to `size` [h, w]: image 0, label `label_pad`, masks 0; records img_hw (unpadded)."""
 
-    def __init__(self, size, label_pad: int = 255):
+    def __init__(self, size, label_pad: int = IGNORE_INDEX):
         self.size, self.label_pad = _pair(size, "pad size [h, w]"), int(label_pad)
 
     def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
@@ -242,7 +244,7 @@ def _check_keys(cfg, valid: tuple[str, ...], where: str) -> None:
         raise KeyError(f"{where}: unknown keys {unknown}; valid keys: {list(valid)}")
 
 
-def build_train_pipeline(pipeline_cfg, ignore_index: int) -> Compose:
+def build_train_pipeline(pipeline_cfg) -> Compose:
     """resize -> crop -> flip -> photometric -> pad -> tensor, from data.train_pipeline (datasets.md §5)."""
     _check_keys(pipeline_cfg, _TRAIN_KEYS, "data.train_pipeline")
     crop = config_value(pipeline_cfg, "crop", "[h, w]", "data.train_pipeline")
@@ -251,12 +253,12 @@ def build_train_pipeline(pipeline_cfg, ignore_index: int) -> Compose:
     if resize is not None:
         steps.append(RandomResize(config_value(resize, "scale", "[W, H]", "data.train_pipeline.resize"),
                                   resize.get("ratio_range")))
-    steps.append(RandomCrop(crop, pipeline_cfg.get("cat_max_ratio", 1.0), ignore_index))
+    steps.append(RandomCrop(crop, pipeline_cfg.get("cat_max_ratio", 1.0)))
     if pipeline_cfg.get("flip", 0.0):
         steps.append(RandomFlip(pipeline_cfg["flip"]))
     if pipeline_cfg.get("photometric", False):
         steps.append(PhotoMetricDistortion())
-    steps += [Pad(crop, ignore_index), ToTensor()]
+    steps += [Pad(crop), ToTensor()]
     return Compose(steps)
 
 
@@ -277,7 +279,5 @@ def build_split_pipelines(data_cfg, classes) -> dict:
     if num_classes is not None and num_classes != len(classes):
         raise ValueError(f"data.num_classes={num_classes} but data set {data_cfg.get('name')!r} has "
                          f"{len(classes)} classes")
-    ignore_index = config_value(data_cfg, "ignore_index", "255", "data")
-    return {"train": build_train_pipeline(config_value(data_cfg, "train_pipeline", "a mapping", "data"),
-                                          ignore_index),
+    return {"train": build_train_pipeline(config_value(data_cfg, "train_pipeline", "a mapping", "data")),
             "val": build_test_pipeline(config_value(data_cfg, "test_pipeline", "a mapping", "data"))}

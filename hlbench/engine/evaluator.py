@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Subset
 
 from ..data import normalize_batch
 from ..hardness import hardness_map
+from ..labels import IGNORE_INDEX
 from ..losses import pixel_cross_entropy
 from ..models.heads import resize
 from ..metrics import ConfusionMatrix, binary_auroc
@@ -69,7 +70,7 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
     world = dist.get_world_size() if dist.is_initialized() else 1
     shard = Subset(dataset, list(range(rank, len(dataset), world)))
     loader = DataLoader(shard, batch_size=eval_cfg.batch_size, collate_fn=list, num_workers=0)
-    cm = ConfusionMatrix(len(class_names), data_cfg.ignore_index, device=device)
+    cm = ConfusionMatrix(len(class_names), IGNORE_INDEX, device=device)
     has_hl = getattr(model, "hl_head", None) is not None
     bits = hardness_kinds(dataset)
     score_hl = has_hl and eval_cfg.hl_auroc and bool(bits)
@@ -90,12 +91,12 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
                 hl = hardness_map(resize(model.predict_hl(img[:hl_images]).float(), label.shape[-2:],
                                          model.align_corners), hl_offset)
             if score_hl and batch["hard"].numel():
-                _sample_auroc_pixels(hl, batch["hard"].to(device), label, batch["index"], data_cfg.ignore_index,
+                _sample_auroc_pixels(hl, batch["hard"].to(device), label, batch["index"], IGNORE_INDEX,
                                      scores, targets)
             if k:
                 panel = {"images": batch["img"][:k], "labels": label[:k].cpu(), "preds": pred[:k].cpu(),
                          "hl": hl[:k].cpu() if hl is not None else None, "hard": batch["hard"][:k],
-                         "loss": pixel_cross_entropy(logits[:k], label[:k], data_cfg.ignore_index).cpu()}
+                         "loss": pixel_cross_entropy(logits[:k], label[:k], IGNORE_INDEX).cpu()}
     cm.all_reduce()
     metrics = cm.compute(class_names)
     auroc = _hardness_aurocs(scores, targets, bits, data_cfg.get("hard_kinds")) if score_hl else {}

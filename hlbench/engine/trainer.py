@@ -85,7 +85,7 @@ class Trainer:
         self.val_set = datasets["val"]
         self.classes = list(datasets["train"].classes)
         self.palette = getattr(datasets["train"], "palette", None)
-        check_mapped_labels(self.val_set, ignore_index=cfg.data.ignore_index)
+        check_mapped_labels(self.val_set)
         model = build_model(cfg.model, num_classes=len(self.classes), hl=cfg.hl.enabled,
                             detach_hl_features=cfg.hl.detach_features)
         self.model = _convert_norm(model, cfg.train.norm, info).to(self.device)

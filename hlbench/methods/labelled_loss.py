@@ -13,6 +13,7 @@ import logging
 import torch
 
 from ..hardness import hardness_loss
+from ..labels import IGNORE_INDEX
 from ..losses import LOSS_KEYS, make_pixel_loss, pixel_accuracy, pixel_cross_entropy, reduce_pixel_loss
 from ..models.heads import resize
 
@@ -46,7 +47,7 @@ class LabelledLoss:
         per_device: images per device micro-batch, which decides the per-GPU grouping.
     """
 
-    def __init__(self, cfg, per_device: int, ignore_index: int = 255):
+    def __init__(self, cfg, per_device: int, ignore_index: int = IGNORE_INDEX):
         self.hl, loss = cfg.hl, cfg.loss
         self.ignore_index = ignore_index
         self.per_device = per_device

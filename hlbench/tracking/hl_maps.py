@@ -7,7 +7,8 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
-IGNORE_INDEX = 255
+from hlbench.labels import IGNORE_INDEX
+
 GAP = 2  # white pixels between tiles, so black (ignore) regions of neighbouring tiles stay apart
 
 
