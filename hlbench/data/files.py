@@ -1,7 +1,6 @@
 """On-disk (image, label) pair data sets: decoding, label lookup tables and atomic PNG writes."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -10,6 +9,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hlbench.data.transforms import Compose, ToTensor, config_value, sample_rng
+from hlbench.atomic_files import atomic_write
 from hlbench.labels import IGNORE_INDEX
 
 
@@ -53,11 +53,11 @@ def image_size(path) -> tuple[int, int]:
 
 
 def write_png_atomic(path: Path, array: np.ndarray) -> None:
-    """Writes a PNG via a temporary file and a rename, so an interrupted run never leaves a partial output."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    if not cv2.imwrite(str(tmp), array):
-        raise OSError(f"cannot write {tmp}")
-    os.replace(tmp, path)
+    """Writes a PNG atomically, so an interrupted run never leaves a partial output."""
+    def write(tmp):
+        if not cv2.imwrite(str(tmp), array):
+            raise OSError(f"cannot write {path}")
+    atomic_write(path, write)
 
 
 class LabelledFiles(Dataset):

@@ -1,7 +1,6 @@
 """Atomic checkpoints in the run folder and the full training state needed for an exact resume."""
 from __future__ import annotations
 
-import os
 import random
 import re
 from pathlib import Path
@@ -9,18 +8,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic_files import atomic_write
 from ..models.pretrained import read_torch_file
 
 _ITER_RE = re.compile(r"iter_(\d+)\.pth$")
 
 
 def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary file then rename, so a killed job never leaves a truncated checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save atomically, so a killed job never leaves a truncated checkpoint."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def rng_state() -> dict:

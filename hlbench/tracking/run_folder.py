@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
+
+from hlbench.atomic_files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -50,19 +51,12 @@ def flatten(d: Mapping, sep: str = ".", prefix: str = "") -> dict:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write `text` to `path` via a temp file in the same folder + os.replace, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh name per write (not mkstemp, whose 0600 mode would stick to the final file)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    """Write `text` to `path` atomically, so readers never see half a file."""
+    def write(tmp):
+        # a fresh name per write (not mkstemp, whose 0600 mode would stick to the final file)
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, write)
 
 
 def atomic_write_json(path: str | Path, obj) -> Path:
