@@ -28,7 +28,9 @@ class TrainStep:
     def __init__(self, model_name: str, hl: bool, size: int, batch: int, device: torch.device,
                  num_classes: int = 19, amp: bool = False):
         with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
-            cfg = compose("config", overrides=[f"model={model_name}", f"hl.enabled={hl}", "logger=none"])
+            # Random weights time the same as ImageNet ones, so no weights file is needed.
+            cfg = compose("config", overrides=[f"model={model_name}", "model.backbone.pretrained=none",
+                                               f"hl.enabled={hl}", "logger=none"])
         self.device, self.precision = device, "bf16" if amp else "fp32"
         self.model = build_model(cfg.model, num_classes=num_classes, hl=hl).to(device).train()
         self.method = build_method(cfg)

@@ -62,5 +62,8 @@ def check_config(cfg) -> None:
     if cfg.loss.focal_reference_bug and cfg.loss.name != "focal":
         raise ConfigError(f"loss.focal_reference_bug=true reproduces a bug of the authors' focal loss; it needs "
                           f"loss.name=focal, got {cfg.loss.name!r}")
+    if cfg.hl.image_reduce == "sum" and cfg.hl.scope in ("reference", "batch"):
+        # Summing per-GPU normalisers would scale the loss with the device layout.
+        raise ConfigError(f"hl.image_reduce=sum is for hl.scope=image|group, got hl.scope={cfg.hl.scope}")
     if cfg.hl.offset == 0:
         raise ConfigError("hl.offset=0 is not valid; expected > 0 (the offset bounds the weight ratio)")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .config_checks import check_config
 from .errors import ConfigError
@@ -67,9 +67,16 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     classes = list(val_set.classes)
     # The HL branch never runs at inference (method.md §7) but is built so the checkpoint's HL weights load and
     # its map can be scored against the data set's hardness mask.
-    model = build_model(cfg.model, num_classes=len(classes), hl=cfg.hl.enabled,
+    # Every tensor comes from the checkpoint, so the ImageNet file the recipe names is not needed.
+    model_cfg = OmegaConf.merge(cfg.model, {"backbone": {"pretrained": "none"}})
+    model = build_model(model_cfg, num_classes=len(classes), hl=cfg.hl.enabled,
                         detach_hl_features=cfg.hl.detach_features)
     report = load_checkpoint(model, checkpoint)
+    # Only the branches inference never runs may be absent (a baseline checkpoint in an HL config, say).
+    needed = [k for k in report["missing"] if not k.startswith(("hl_head.", "auxiliary_head."))]
+    if needed:
+        raise ValueError(f"{checkpoint}: {len(needed)} tensors that inference needs are missing (e.g. "
+                         f"{', '.join(needed[:3])}); is it a checkpoint of {experiment}'s model?")
     model.to(info.device)
     result = evaluate(model, val_set, cfg.eval, cfg.data, info.device, classes, hl_offset=cfg.hl.offset)
     out = {"experiment": experiment, "checkpoint": str(checkpoint.resolve()), "protocol": protocol_of(cfg.eval),

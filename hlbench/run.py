@@ -16,13 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config_checks import check_config
 from .errors import ConfigError
+from .paths import experiments_dir
 from .report import comparison_table
+from .weights import pretrained_name, require_pretrained
 
 log = logging.getLogger("hlbench")
 
 
 def suite_file(name: str) -> Path:
-    path = Path(os.environ["HLBENCH_EXPERIMENTS_DIR"]) / "suites" / f"{name}.yaml"
+    path = experiments_dir() / "suites" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise ConfigError(f"suite={name!r}: no file {path}; known suites: {', '.join(known)}")
@@ -58,11 +60,12 @@ def run_experiment(cfg: DictConfig, experiment: str, suite: str | None, profile:
     from .engine.trainer import train
 
     check_config(cfg)
+    require_pretrained(cfg)
     info = init_distributed(cfg.device)
     run_dir = run_dir_for(cfg, experiment, suite, profile, int(cfg.seed))
     meta = {"experiment": experiment, "suite": suite, "name": f"{experiment}-s{cfg.seed}",
             "tags": [cfg.model.name, cfg.data.name, "hl" if cfg.hl.enabled else "baseline", cfg.setting,
-                     f"method:{cfg.method.name}"]
+                     f"method:{cfg.method.name}", f"pretrained:{pretrained_name(cfg)}"]
             + ([f"profile:{profile}"] if profile else [])}
     if info.is_main:
         log.info("run folder: %s", run_dir)
@@ -90,6 +93,10 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
         # Each suite member is composed as if the user had typed experiment=<member> plus their overrides.
         keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("suite", "experiment")]
         plan = [(name, compose("config", overrides=keep + [f"experiment={name}"])) for name in suite.experiments]
+    # Every run's config and weights are checked before the first starts: a suite never stops hours in.
+    for _, c in plan:
+        check_config(c)
+        require_pretrained(c)
     jobs = [(name, c, s) for name, c in plan for s in _seeds(c)]
     if multirun and len(jobs) > 1:
         raise ConfigError("in a Hydra multirun each job must be one run: sweep experiment=... and seed=..., "
@@ -108,7 +115,7 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
 
 
 def known_experiments() -> list[str]:
-    root = Path(os.environ["HLBENCH_EXPERIMENTS_DIR"]) / "experiment"
+    root = experiments_dir() / "experiment"
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 

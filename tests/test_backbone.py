@@ -9,7 +9,7 @@ from hlbench.models.resnet import ResNetV1c, TorchvisionResNet
 
 
 def _tiny_cfg():
-    return {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "pretrained": None},
+    return {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "pretrained": "none"},
             "head": {"type": "psp", "channels": 16, "in_index": 3}}
 
 

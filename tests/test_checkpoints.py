@@ -13,7 +13,8 @@ from hlbench.models import build_model, load_checkpoint
 from tests.conftest import TINY, compose_run
 
 NUM_CLASSES = 5
-TINY_MODEL = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "stem_channels": [32, 32, 64]},
+TINY_MODEL = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "stem_channels": [32, 32, 64],
+                           "pretrained": "none"},
               "head": {"type": "psp", "channels": 16},
               "aux": {"enabled": True, "in_index": 2, "channels": 8}}
 

@@ -79,3 +79,12 @@ def test_hl_variant_tag(hydra_ctx):
     assert variant(["experiment=ade20k/pspnet_r50_hl", "hl.scope=group", "hl.group_size=2"], 16) == "custom"
     assert variant(["experiment=smoke/hl"]) == "custom"  # hl.lr_mult=10
     assert variant(["experiment=smoke/baseline"]) == "off"
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENT_NAMES if not n.startswith("smoke/")])
+def test_paper_recipes_state_the_reference_layout_and_train_in_fp32(hydra_ctx, name):
+    cfg = compose("config", overrides=[f"experiment={name}"])
+    ref = cfg.train.reference
+    assert ref.gpus * ref.per_gpu == cfg.train.batch_size and ref.gpus == 4
+    assert ref.per_gpu == (4 if name.startswith("ade20k/") else 2)
+    assert cfg.train.precision == "fp32" and cfg.hl.scope == "reference"

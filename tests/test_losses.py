@@ -103,7 +103,7 @@ def test_unknown_loss_name():
 
 
 def _tiny_ocrnet():
-    cfg = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25},
+    cfg = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "pretrained": "none"},
            "head": {"type": "ocr", "in_index": 3, "channels": 16, "ocr_channels": 8,
                     "stage0": {"type": "fcn", "in_index": 2, "channels": 8, "num_convs": 1, "concat_input": False,
                                "weight": 0.4}},
@@ -180,7 +180,8 @@ def test_ohem_threshold_per_group_of_images():
 
 def _pspnet_batch():
     torch.manual_seed(0)
-    cfg = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "stem_channels": [8, 8, 16]},
+    cfg = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "stem_channels": [8, 8, 16],
+                        "pretrained": "none"},
            "head": {"type": "psp", "in_index": 3, "channels": 8, "pool_scales": [1, 2]},
            "aux": {"enabled": True, "in_index": 2, "channels": 8}}
     model = build_model(cfg, num_classes=4, hl=False).train()

@@ -15,7 +15,7 @@ SHRINK = ["logger=none", "model.backbone.depth=18", "model.backbone.width_mult=0
           "train.iters=2", "train.batch_size=2", "train.num_workers=0", "train.log_interval=1",
           "train.eval_interval=0", "train.ckpt_interval=2", "train.hl_map_interval=0", "train.precision=fp32",
           "data.train_pipeline.crop=[32,32]", "data.train_pipeline.resize.scale=[64,32]",
-          "data.test_pipeline.resize.scale=[64,32]"]
+          "data.test_pipeline.resize.scale=[64,32]", "model.backbone.pretrained=none"]
 
 
 @pytest.mark.parametrize("experiment,extra", [

@@ -68,14 +68,59 @@ def test_rerun_without_resume_never_overwrites(hydra_ctx, tmp_path):
     assert (Path(first["run_dir"]) / "metrics.jsonl").read_text() == before
 
 
-def test_init_from_loads_weights_only(hydra_ctx, tmp_path):
+def test_init_from_loads_weights_only(hydra_ctx, tmp_path, caplog):
     over = TINY + ["experiment=smoke/hl", "train.iters=2"]
     first = run_experiment(compose_run(over, tmp_path / "a")[0], "smoke/hl", None, None)
     ckpt = Path(first["run_dir"]) / "checkpoints/iter_000002.pth"
-    second = run_experiment(compose_run(over + [f"init_from={ckpt}"], tmp_path / "b")[0], "smoke/hl", None, None)
+    with caplog.at_level("INFO"):
+        second = run_experiment(compose_run(over + [f"init_from={ckpt}"], tmp_path / "b")[0], "smoke/hl", None,
+                                None)
     assert second["resumed_from"] is None and second["iters"] == 2
+    assert f"tensors from {ckpt}" in caplog.text  # the same loaded / missing / unexpected report as pretrained
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         run_experiment(compose_run(over + ["init_from=/nope.pth"], tmp_path / "c")[0], "smoke/hl", None, None)
+    state = torch.load(ckpt, weights_only=False)["model"]
+    stranger = tmp_path / "stranger.pth"
+    torch.save({f"other.{k}": v for k, v in state.items() if k.startswith("backbone.")}, stranger)
+    with pytest.raises(ValueError, match="tensors of .* match"):
+        run_experiment(compose_run(over + [f"init_from={stranger}"], tmp_path / "d")[0], "smoke/hl", None, None)
+
+
+def test_paper_experiment_without_its_weights_stops_at_once_with_one_line(tmp_path):
+    env = {"HLBENCH_WEIGHTS": ""}
+    res = _cli(["experiment=fullsup/pspnet_r101_hl", "logger=none"], tmp_path, env)
+    (line,) = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and "resnet101_v1c-e67eebb6.pth" in line and "HLBENCH_WEIGHTS" in line
+    assert "hlbench.weights fetch" in line and "model.backbone.pretrained=none" in line
+    assert not (tmp_path / "runs").exists()  # nothing started
+    res = _cli(["experiment=fullsup/pspnet_r101_hl", "logger=none", f"weights_dir={tmp_path / 'w'}"], tmp_path)
+    assert res.returncode == 2 and f"not found in the weights folder {tmp_path / 'w'}" in res.stderr
+
+
+def test_paper_experiment_starts_from_the_named_file_and_records_it(hydra_ctx, tmp_path):
+    from hlbench.models.resnet import ResNetV1c
+
+    name = "resnet101_v1c-e67eebb6.pth"
+    # The paper experiment on the CPU-sized smoke profile, but with its ResNet-101 and its named weights file.
+    over = TINY + ["experiment=fullsup/pspnet_r101_hl", "train.iters=2", "model.backbone.depth=101",
+                   f"model.backbone.pretrained={name}", f"weights_dir={tmp_path / 'weights'}"]
+    (tmp_path / "weights").mkdir()
+    torch.save(ResNetV1c(101, width_mult=0.25).state_dict(), tmp_path / "weights" / name)
+    summary = run_experiment(compose_run(over, tmp_path)[0], "fullsup/pspnet_r101_hl", None, "smoke")
+    assert summary["pretrained"] == name and summary["iters"] == 2
+    scratch = run_experiment(compose_run(TINY + ["experiment=smoke/hl", "train.iters=2"], tmp_path)[0],
+                             "smoke/hl", None, "smoke")
+    assert scratch["pretrained"] == "none"
+
+
+def test_start_up_line_states_the_per_gpu_grouping(hydra_ctx, tmp_path, caplog):
+    over = TINY + ["experiment=fullsup/pspnet_r101_hl", "train.iters=2"]
+    with caplog.at_level("INFO", logger="hlbench"):
+        summary = run_experiment(compose_run(over, tmp_path)[0], "fullsup/pspnet_r101_hl", None, "smoke")
+    # profile=smoke trains 4 images on one device; the recipe's reference is 4 GPUs x 2.
+    assert "reference 4 GPU(s) x 2, device batch 4; HL normaliser over 2 image(s)" in caplog.text
+    assert summary["grouping"].startswith("reference 4 GPU(s) x 2") and summary["precision"] == "fp32"
+    assert summary["hl_variant"] == "custom"  # global batch 4, not the authors' 8
 
 
 def test_seed_sweep_reports_mean_std(hydra_ctx, tmp_path, capsys):

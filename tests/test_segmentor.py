@@ -127,6 +127,7 @@ def test_every_model_config_builds():
     assert len(MODEL_CONFIGS) >= 8
     for path in MODEL_CONFIGS:
         cfg = OmegaConf.load(path)
+        cfg.backbone.pretrained = "none"  # the architecture, not the ImageNet file
         with torch.device("meta"):
             model = build_model(cfg, num_classes=19, hl=True)
         assert cfg.name == path.stem
@@ -142,9 +143,12 @@ def test_every_model_config_builds():
 
 
 def test_reference_model_widths():
+    scratch = {"backbone": {"pretrained": "none"}}
     with torch.device("meta"):
-        psp = build_model(OmegaConf.load(MODEL_CONFIGS[0].parent / "pspnet_r101.yaml"), 19, hl=False)
-        dlv3p = build_model(OmegaConf.load(MODEL_CONFIGS[0].parent / "deeplabv3plus_r50.yaml"), 19, hl=False)
+        psp = build_model(OmegaConf.merge(OmegaConf.load(MODEL_CONFIGS[0].parent / "pspnet_r101.yaml"), scratch), 19,
+                          hl=False)
+        dlv3p = build_model(OmegaConf.merge(OmegaConf.load(MODEL_CONFIGS[0].parent / "deeplabv3plus_r50.yaml"),
+                                            scratch), 19, hl=False)
     assert psp.decode_head.bottleneck.conv.weight.shape == (512, 2048 + 4 * 512, 3, 3)
     assert psp.auxiliary_head.convs[0].conv.weight.shape == (256, 1024, 3, 3)
     assert dlv3p.decode_head.c1_bottleneck.conv.weight.shape == (48, 256, 1, 1)

@@ -2,6 +2,9 @@
 import json
 import logging
 import os
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -197,6 +200,75 @@ def test_tracker_wandb_offline_and_resume_reuses_run_id(wandb_offline, tmp_path)
     assert tr._run.id == run_id
     tr.finish()
     assert (run / "wandb_id.txt").read_text().strip() == run_id
+
+
+def _offline_records(offline_dir) -> list[dict]:
+    """The records of an offline run's .wandb file, as `wandb leet inspect --json` prints them."""
+    res = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline_dir)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+# What a training process does with a Tracker, in a process of its own: W&B's console capture hooks the
+# sys.stdout/sys.stderr present when wandb is imported, which pytest's capture fixtures replace.
+TRAINING_SCRIPT = """
+import sys
+import numpy as np
+from hlbench.tracking import Tracker
+tr = Tracker("run", {"model": {"name": "pspnet"}}, logger="wandb", project="hlbench-test", entity="hl-team",
+             class_names=["road", "car", "pole"])
+print("a training log line", file=sys.stderr)
+tr.log("train", 10, {"loss": 1.0, "lr": 0.1})
+tr.log("val", 10, {"mIoU": 0.5})
+zeros = np.zeros((1, 8, 8), dtype=np.int64)
+tr.log_hl_maps(10, np.zeros((1, 3, 8, 8), dtype=np.uint8), np.ones((1, 8, 8), dtype=np.float32), zeros, zeros)
+tr.write_summary({"final": {"mIoU": 0.5}})
+tr.finish()
+print("the results table")
+"""
+
+
+@pytest.mark.slow
+def test_wandb_console_is_our_one_line_and_the_offline_run_keeps_everything(wandb_offline, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_SILENT")  # the Tracker itself must keep W&B quiet
+    res = subprocess.run([sys.executable, "-c", TRAINING_SCRIPT], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    assert res.stdout == "the results table\n"
+    sync_dir = offline.relative_to(tmp_path)  # relative, as W&B keeps the relative dir= it was given
+    assert res.stderr == f"W&B offline run; to upload it: wandb sync {sync_dir}\na training log line\n"
+
+    records = _offline_records(offline)
+    (run_record,) = [r["run"] for r in records if r["type"] == "run"]
+    assert run_record["entity"] == "hl-team" and run_record["project"] == "hlbench-test"
+    assert "pspnet" in json.dumps(run_record["config"])
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [(h["_step"], h.get("train/loss"), h.get("val/mIoU")) for h in history] == [(10, 1.0, 0.5)]
+    assert history[0]["hl_maps/panel._type"] == "image-file" and list(offline.rglob("panel_10_*.png"))
+    summary = {k: v for r in records if r["type"] == "summary" for k, v in r["summary"].get("update", {}).items()}
+    assert summary["final/mIoU"] == 0.5
+    # console capture: our lines are in the run's Logs; the table, printed after finish, is not
+    console = "".join(r["output_raw"]["line"] for r in records if r["type"] == "output_raw")
+    assert "W&B offline run" in console and "a training log line" in console
+    assert "the results table" not in console
+
+
+def test_online_run_line_is_its_url_and_init_gets_entity_and_silence(wandb_offline, tmp_path, monkeypatch, capfd):
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        return types.SimpleNamespace(step=0, disabled=False, offline=False, url="https://wandb.ai/hl-team/p/runs/x",
+                                     finish=lambda exit_code: None)
+
+    monkeypatch.setattr(wandb_offline, "init", fake_init)
+    tr = _tracker(tmp_path / "run", logger="wandb", entity="hl-team")
+    tr.finish()
+    assert capfd.readouterr() == ("", "W&B run: https://wandb.ai/hl-team/p/runs/x\n")
+    _tracker(tmp_path / "default", logger="wandb").finish()
+    assert [(c["entity"], c["project"], c["settings"].silent) for c in calls] == [("hl-team", "hlbench-test", True),
+                                                                                  (None, "hlbench-test", True)]
 
 
 def test_tracker_survives_wandb_init_failure(wandb_offline, tmp_path, monkeypatch, caplog):

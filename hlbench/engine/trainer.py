@@ -21,6 +21,7 @@ from ..data.sampling import stream_loader
 from ..methods import build_method
 from ..models import build_model, load_checkpoint
 from ..tracking import Tracker
+from ..weights import pretrained_name
 from . import checkpoint as ckpt
 from .distributed import DistInfo, all_reduce_mean, barrier, plan_batches
 from .evaluator import evaluate, protocol_of
@@ -87,7 +88,7 @@ class Trainer:
         self.palette = getattr(datasets["train"], "palette", None)
         check_mapped_labels(self.val_set)
         model = build_model(cfg.model, num_classes=len(self.classes), hl=cfg.hl.enabled,
-                            detach_hl_features=cfg.hl.detach_features)
+                            detach_hl_features=cfg.hl.detach_features, weights_dir=cfg.weights_dir)
         self.model = _convert_norm(model, cfg.train.norm, info).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -103,7 +104,8 @@ class Trainer:
         self.step_times: list[float] = []  # per logging window, for the s/iter reported next to the paper's
         self.start_it, self.best, rng = self._restore()
         self.tracker = Tracker(
-            run_dir, cfg, logger=cfg.logger.name, project=cfg.logger.project, group=meta["suite"],
+            run_dir, cfg, logger=cfg.logger.name, project=cfg.logger.project, entity=cfg.logger.entity,
+            group=meta["suite"],
             job_type=cfg.setting, tags=meta["tags"] + self.method.tags(), name=meta["name"],
             class_names=self.classes, palette=self.palette, rank=info.rank,
             resumed_from=self.start_it if rng is not None else None,
@@ -287,7 +289,8 @@ class Trainer:
         summary = {
             "experiment": self.meta["experiment"], "suite": self.meta["suite"], "seed": int(cfg.seed),
             "iters": total, "setting": cfg.setting, "method": cfg.method.name, "hl": bool(cfg.hl.enabled),
-            "model": cfg.model.name, "data": cfg.data.name, "precision": self.precision,
+            "model": cfg.model.name, "data": cfg.data.name, "pretrained": pretrained_name(cfg),
+            "precision": self.precision,
             "train_time_s": round(train_time, 2), "resumed_from": self.start_it or None,
             "s_per_iter": float(np.median(self.step_times)) if self.step_times else None,
             "memory_mb": (int(torch.cuda.max_memory_allocated(self.device) / 2**20)

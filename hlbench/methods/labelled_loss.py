@@ -106,6 +106,10 @@ class LabelledLoss:
     def _reduce(self, pixel_loss, label, weights):
         """Plain mean of a per-pixel loss, or its sg(H)-weighted sum when HL weights are given."""
         if weights is None:
+            if self.denominator == "valid_pixels" and self.group:
+                # Each reference GPU divided by its own valid pixels: average those per-group means.
+                return torch.stack([reduce_pixel_loss(p, y, self.ignore_index, self.denominator) for p, y in
+                                    zip(pixel_loss.split(self.group), label.split(self.group))]).mean()
             return reduce_pixel_loss(pixel_loss, label, self.ignore_index, self.denominator)
         return (weights.detach() * pixel_loss).sum() / self._parts(label.shape[0])
 

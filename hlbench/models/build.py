@@ -10,6 +10,7 @@ from hlbench.models.heads import (ASPPHead, CascadeHead, DepthwiseSeparableASPPH
 from hlbench.models.pretrained import load_pretrained
 from hlbench.models.resnet import ResNetV1c, TorchvisionResNet
 from hlbench.models.segmentor import CascadeSegmentor, Segmentor
+from hlbench.weights import resolve_pretrained
 
 BACKBONES = {"resnet_v1c": ResNetV1c, "torchvision_resnet": TorchvisionResNet}
 HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead, "uper": UPerHead,
@@ -54,11 +55,12 @@ def _build_head(cfg, stage_channels, num_classes, align_corners, section="head")
     return _construct(cls, section, options, **derived)
 
 
-def build_model(model_cfg, num_classes, hl, detach_hl_features=True):
+def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_dir=None):
     """Segmentor from a model config; hl=True adds the HL head, a fresh copy of the decode head with one output.
 
     Args:
         model_cfg: dict/DictConfig with backbone, head, aux and align_corners (see hlbench/conf/model/).
+        weights_dir: the folder where a bare `backbone.pretrained` file name is looked up (hlbench.weights).
     """
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     for key in ("backbone", "head"):
@@ -66,17 +68,17 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True):
             raise KeyError(f"model.{key} is required")
     align_corners = cfg.get("align_corners", False)
 
+    pretrained = resolve_pretrained(cfg, weights_dir)  # before building, so a missing file fails at once
     backbone_cfg = dict(cfg["backbone"])
-    pretrained = backbone_cfg.pop("pretrained", None)
+    backbone_cfg.pop("pretrained", None)
     backbone_cls = _lookup(BACKBONES, backbone_cfg, "backbone")
     backbone = _construct(backbone_cls, "backbone", {k: v for k, v in backbone_cfg.items() if k != "type"})
-    if pretrained:
+    if pretrained is not None:
         load_pretrained(backbone, pretrained)
     channels = backbone.out_channels
 
     head_cfg = dict(cfg["head"])
     stage0_cfg = dict(head_cfg.pop("stage0", None) or {})
-    stage0_cfg.pop("weight", None)  # loss weight, read by the training step
     if (_lookup(HEADS, head_cfg, "head") in CASCADE_HEADS) != bool(stage0_cfg):
         raise ValueError(f"model.head.stage0 is required exactly for the cascade head types "
                          f"{sorted(k for k, v in HEADS.items() if v in CASCADE_HEADS)}")
@@ -93,7 +95,6 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True):
     aux_cfg = dict(cfg.get("aux") or {})
     auxiliary_head = None
     if aux_cfg.pop("enabled", bool(aux_cfg)):
-        aux_cfg.pop("weight", None)  # the loss weight is read by the training step, not the model
         aux_cfg = {"type": "fcn", "concat_input": False, **aux_cfg}
         auxiliary_head = _build_head(aux_cfg, channels, num_classes, align_corners, section="aux")
     # As the authors' hl_encoder_decoder.py: the HL branch copies the decode-head config with num_classes=1;

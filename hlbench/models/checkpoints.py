@@ -2,9 +2,7 @@
 
 from pathlib import Path
 
-import torch
-
-from hlbench.models.pretrained import load_matching, read_torch_file
+from hlbench.models.pretrained import MIN_LOADED_FRACTION, load_matching, read_torch_file, state_dict_of
 
 # Checkpoint key prefix -> our key prefix (None: drop the key). Our Segmentor uses mmseg's module names, so only
 # the differences are listed. Rules apply in order, so "module.weigh_head." becomes "hl_head.".
@@ -13,23 +11,6 @@ PREFIX_RENAMES = {
     "weigh_head.": "hl_head.",         # the authors' HL branch (sic, method.md §3)
     "data_preprocessor.": None,        # mmseg 1.x mean/std buffers: normalisation is done by hlbench.data
 }
-
-# A checkpoint that fills less than this share of the model's tensors is the wrong file or the wrong model config.
-MIN_LOADED_FRACTION = 0.9
-
-
-def _model_state(ckpt, path: Path) -> dict:
-    """The weights inside a checkpoint: hlbench {"model": ...}, mmseg {"state_dict": ...} or a bare state dict."""
-    if isinstance(ckpt, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(ckpt.get(key), dict):
-                ckpt = ckpt[key]
-                break
-    if not isinstance(ckpt, dict) or not ckpt or not all(torch.is_tensor(v) for v in ckpt.values()):
-        raise ValueError(f"{path}: expected {{'model': state_dict}}, {{'state_dict': state_dict}} or a state dict "
-                         "of tensors")
-    return ckpt
-
 
 def map_checkpoint_keys(state: dict) -> dict:
     """Rename checkpoint keys to hlbench's module names with PREFIX_RENAMES; dropped keys are left out."""
@@ -52,5 +33,5 @@ def load_checkpoint(model, path) -> dict:
     MIN_LOADED_FRACTION of the model's tensors are in the checkpoint.
     """
     path = Path(path)
-    return load_matching(model, map_checkpoint_keys(_model_state(read_torch_file(path), path)), path,
+    return load_matching(model, map_checkpoint_keys(state_dict_of(read_torch_file(path), path)), path,
                          MIN_LOADED_FRACTION)

@@ -40,11 +40,18 @@ def _first_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0][:120]}" if text else type(err).__name__
 
 
-def _unwrap(ckpt, path):
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict or {{'state_dict': ...}} of tensors")
-    return state
+def state_dict_of(ckpt, path) -> dict:
+    """The weights inside a loaded checkpoint: hlbench's {"model": ...}, mmseg's {"state_dict": ...} or a bare
+    state dict; a one-line ValueError naming `path` otherwise."""
+    if isinstance(ckpt, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt.get(key), dict):
+                ckpt = ckpt[key]
+                break
+    if not isinstance(ckpt, dict) or not ckpt or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise ValueError(f"{path}: expected {{'model': state_dict}}, {{'state_dict': state_dict}} or a state dict "
+                         "of tensors")
+    return ckpt
 
 
 def load_pretrained(module, path, expected_prefix=""):
@@ -56,7 +63,7 @@ def load_pretrained(module, path, expected_prefix=""):
     fewer than MIN_LOADED_FRACTION of the module's tensors are found.
     """
     path = Path(path)
-    state = _unwrap(read_torch_file(path, what="pretrained checkpoint"), path)
+    state = state_dict_of(read_torch_file(path, what="pretrained checkpoint"), path)
     own = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
     for prefix in ("module.", "backbone."):
         if not any(k.startswith(prefix) for k in own):

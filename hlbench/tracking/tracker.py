@@ -6,6 +6,7 @@ import logging
 import netrc
 import numbers
 import os
+import sys
 import uuid
 from pathlib import Path
 from urllib.parse import urlparse
@@ -52,12 +53,13 @@ class Tracker:
         env_extra: engine facts stored in env.json (world size, seeds, effective batch).
         resumed_from: iteration of the checkpoint this run continues from, None for a fresh start.
         rank: only rank 0 writes anything.
+        entity: the W&B team or user that owns the run; None is the API key's default entity.
     """
 
     def __init__(self, run_dir, config, *, logger: str = "none", project: str = "hlbench",
-                 group: str | None = None, job_type: str | None = None, tags=(), name: str | None = None,
-                 class_names=(), palette=None, env_extra: dict | None = None, resumed_from: int | None = None,
-                 rank: int = 0):
+                 entity: str | None = None, group: str | None = None, job_type: str | None = None, tags=(),
+                 name: str | None = None, class_names=(), palette=None, env_extra: dict | None = None,
+                 resumed_from: int | None = None, rank: int = 0):
         if logger not in LOGGERS:
             raise ValueError(f"tracking logger must be one of {LOGGERS}, got {logger!r}")
         self.active = rank == 0
@@ -74,8 +76,8 @@ class Tracker:
         config = to_plain(config)
         self._write_provenance(config, env_extra or {}, resumed_from)
         if logger == "wandb":
-            self._start_wandb(config, project=project, group=group, job_type=job_type, tags=list(tags),
-                              name=name)
+            self._start_wandb(config, project=project, entity=entity, group=group, job_type=job_type,
+                              tags=list(tags), name=name)
 
     def _write_provenance(self, config: dict, env_extra: dict, resumed_from: int | None) -> None:
         """Fresh run: config.yaml + env.json. Resume: keep those; record the new env (and config if changed)."""
@@ -114,11 +116,25 @@ class Tracker:
             atomic_write_text(id_file, run_id + "\n")
         # one W&B run per run folder: a resumed job continues the same W&B run instead of starting a new one.
         # finish_previous: in a Hydra multirun (one process) a run left open by a failed job must not absorb this one
+        # silent: W&B's start banner and end-of-run history/summary panel (dozens of lines per run) would bury the
+        # results table; it still records everything and W&B warnings still print. Console capture stays on (the
+        # run's Logs tab): W&B's default tees Python's stdout/stderr writes and unhooks at finish, before the table.
         self._run = self._call(wandb.init, id=run_id, resume="allow", mode=mode, config=config,
                                dir=os.environ.get("WANDB_DIR", str(self.run_dir)), reinit="finish_previous",
-                               **init_kwargs)
+                               settings=wandb.Settings(silent=True), **init_kwargs)
         if self._run is not None:
             self._last_step = max(self._last_step, (self._run.step or 0) - 1)
+            self._call(self._announce_run)
+
+    def _announce_run(self) -> None:
+        """Our one console line in place of W&B's: where the run is, printed at the start so a killed job has it too."""
+        if self._run.disabled:
+            return
+        if self._run.offline:
+            line = f"W&B offline run; to upload it: wandb sync {self._run.sync_dir}"
+        else:
+            line = f"W&B run: {self._run.url}"
+        print(line, file=sys.stderr, flush=True)
 
     def _call(self, fn, *args, **kwargs):
         """Run a W&B call; on any error warn once and switch W&B off for the rest of the run."""

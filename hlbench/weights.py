@@ -1,0 +1,291 @@
+"""ImageNet backbone weights: which file a model config names, where it is found, and how to get it.
+
+`model.backbone.pretrained` is `none` (train from scratch, an explicit choice), a bare file name looked up in
+the weights folder (`weights_dir`, default $HLBENCH_WEIGHTS), or a path containing a `/`, used as is.
+
+    python -m hlbench.weights list [--suite S]               # the files each suite needs, with URL and checksum
+    python -m hlbench.weights check [--dir D] [--suite S]    # present? checksum right? (exit 1 if not)
+    python -m hlbench.weights fetch [NAME ...] [--suite S] --dir D [--base-url URL]
+
+The checksum is the torch.hub convention: the 8 hex digits in a published name start the file's sha256. It is
+checked by `check` and `fetch`, not when a run loads the file.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from .errors import ConfigError
+from .paths import experiments_dir
+
+NONE = "none"
+OPENMMLAB_BASE_URL = "https://download.openmmlab.com/pretrain/third_party/"
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class KnownFile:
+    sha256_prefix: str  # the publisher's checksum: the start of the file's sha256
+    source: str
+    base_url: str = OPENMMLAB_BASE_URL
+
+
+# The files the reference starts from: mmcv's open-mmlab.json entries `open-mmlab://resnet{18,50,101}_v1c`.
+KNOWN_WEIGHTS = {
+    "resnet18_v1c-b5776b93.pth": KnownFile("b5776b93", "mmcv open-mmlab://resnet18_v1c (ResNetV1c-18, ImageNet)"),
+    "resnet50_v1c-2cccc1ad.pth": KnownFile("2cccc1ad", "mmcv open-mmlab://resnet50_v1c (ResNetV1c-50, ImageNet)"),
+    "resnet101_v1c-e67eebb6.pth": KnownFile("e67eebb6",
+                                            "mmcv open-mmlab://resnet101_v1c (ResNetV1c-101, ImageNet)"),
+}
+
+
+def url_of(name: str, base_url: str | None = None) -> str:
+    base = base_url or KNOWN_WEIGHTS[name].base_url
+    return base.rstrip("/") + "/" + name
+
+
+def _pretrained_value(model_cfg) -> str:
+    value = (model_cfg.get("backbone") or {}).get("pretrained")
+    if value is None or str(value).strip() == "":
+        unset = "null" if value is None else "empty"
+        raise ConfigError(f"model.backbone.pretrained is {unset}; expected a weights file name (e.g. "
+                          f"{next(iter(KNOWN_WEIGHTS))}), a path, or none (train from scratch)")
+    return str(value).strip()
+
+
+def _folder(weights_dir) -> Path | None:
+    # An exported-but-empty HLBENCH_WEIGHTS means no folder, like an unset one.
+    return Path(weights_dir).expanduser() if weights_dir not in (None, "") else None
+
+
+def _where_to_get(name: str, folder: Path | None) -> str:
+    if name not in KNOWN_WEIGHTS:
+        return f"{name} is not a known download (known: {', '.join(KNOWN_WEIGHTS)}): put the file there yourself"
+    return (f"get it from {url_of(name)} or with `python -m hlbench.weights fetch {name} "
+            f"--dir {folder if folder else '<folder>'}`")
+
+
+def resolve_pretrained(model_cfg, weights_dir) -> Path | None:
+    """The backbone weights file that model_cfg names; None for `none`. ConfigError (one line) when missing."""
+    value = _pretrained_value(model_cfg)
+    if value == NONE:
+        return None
+    scratch = f"or set model.backbone.pretrained={NONE} to train from scratch"
+    if "/" in value:
+        path = Path(value).expanduser()
+        if path.is_file():
+            return path
+        hint = f"; {_where_to_get(path.name, path.parent)}" if path.name in KNOWN_WEIGHTS else ""
+        raise ConfigError(f"model.backbone.pretrained={value}: no such file{hint}, {scratch}")
+    folder = _folder(weights_dir)
+    if folder is None:
+        raise ConfigError(f"model.backbone.pretrained={value}: no weights folder is set (export "
+                          f"HLBENCH_WEIGHTS=<folder> or pass weights_dir=<folder>); {_where_to_get(value, None)}, "
+                          f"{scratch}")
+    path = folder / value
+    if path.is_file():
+        return path
+    absent = "" if folder.is_dir() else "; the folder does not exist"
+    raise ConfigError(f"model.backbone.pretrained={value}: not found in the weights folder {folder} (weights_dir / "
+                      f"HLBENCH_WEIGHTS{absent}); {_where_to_get(value, folder)}, {scratch}")
+
+
+def require_pretrained(cfg) -> Path | None:
+    """resolve_pretrained for a composed run config: its model and its weights_dir."""
+    return resolve_pretrained(cfg.model, cfg.get("weights_dir"))
+
+
+def pretrained_name(cfg) -> str:
+    """The backbone weights' file name, or "none": for W&B tags and the run summary."""
+    value = _pretrained_value(cfg.model)
+    return value if value == NONE else Path(value).name
+
+
+# --- the command line -------------------------------------------------------------------------------------------
+
+def _suite_experiments(suite: str | None) -> dict[str, list[str]]:
+    suites = sorted(p.stem for p in (experiments_dir() / "suites").glob("*.yaml"))
+    if suite is not None and suite not in suites:
+        raise ConfigError(f"--suite {suite}: no file {experiments_dir() / 'suites' / (suite + '.yaml')}; "
+                          f"known suites: {', '.join(suites)}")
+    return {s: list(OmegaConf.load(experiments_dir() / "suites" / f"{s}.yaml").get("experiments") or [])
+            for s in ([suite] if suite else suites)}
+
+
+def needed_weights(suite: str | None = None) -> dict[str, dict[str, list[str]]]:
+    """{suite: {pretrained value: [experiments]}} for one suite or all; values are names, paths or "none"."""
+    needed = {}
+    with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
+        for name, experiments in _suite_experiments(suite).items():
+            needed[name] = {}
+            for experiment in experiments:
+                value = _pretrained_value(compose("config", overrides=[f"experiment={experiment}"]).model)
+                needed[name].setdefault(value, []).append(experiment)
+    return needed
+
+
+def _files(needed) -> list[str]:
+    return sorted({value for per_suite in needed.values() for value in per_suite if value != NONE})
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _checksum_problem(path: Path, name: str) -> str | None:
+    """None when path's sha256 starts with the published prefix, else a description of the mismatch."""
+    digest, prefix = sha256_of(path), KNOWN_WEIGHTS[name].sha256_prefix
+    return None if digest.startswith(prefix) else f"sha256 {digest[:16]}... does not start with {prefix}"
+
+
+def _cmd_list(args) -> int:
+    for suite, per_value in needed_weights(args.suite).items():
+        print(f"{suite}:")
+        for value, experiments in sorted(per_value.items()):
+            used = f"{len(experiments)} experiments" if len(experiments) > 1 else experiments[0]
+            if value == NONE:
+                print(f"  none (from scratch)  [{used}]")
+            elif value in KNOWN_WEIGHTS:
+                known = KNOWN_WEIGHTS[value]
+                print(f"  {value}  sha256 {known.sha256_prefix}...  {url_of(value)}  {known.source}  [{used}]")
+            else:
+                print(f"  {value}  (no published URL or checksum)  [{used}]")
+    return 0
+
+
+def _weights_folder(arg: str | None, command: str) -> Path:
+    folder = _folder(arg if arg is not None else os.environ.get("HLBENCH_WEIGHTS"))
+    if folder is None:
+        raise ConfigError(f"{command}: no weights folder; pass --dir <folder> or export HLBENCH_WEIGHTS=<folder>")
+    return folder
+
+
+def _file_status(path: Path) -> tuple[bool, str]:
+    """(usable, description) of one needed file."""
+    if not path.is_file():
+        part = path.with_name(path.name + ".part")
+        if part.is_file():
+            return False, f"MISSING (partial download {part.name}: {part.stat().st_size} bytes; fetch resumes it)"
+        return False, "MISSING"
+    if path.name not in KNOWN_WEIGHTS:
+        return True, "present (no published checksum to compare)"
+    problem = _checksum_problem(path, path.name)
+    return (False, f"BAD: {problem}") if problem else (True, "ok")
+
+
+def _cmd_check(args) -> int:
+    folder = _weights_folder(args.dir, "check")
+    failures = 0
+    for value in _files(needed_weights(args.suite)):
+        path = Path(value).expanduser() if "/" in value else folder / value
+        usable, status = _file_status(path)
+        failures += not usable
+        print(f"{path}: {status}")
+    if failures:
+        suite = f" --suite {args.suite}" if args.suite else ""
+        print(f"{failures} file(s) missing or bad; `python -m hlbench.weights fetch{suite} --dir {folder}` gets "
+              f"them", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def fetch_file(name: str, folder: Path, base_url: str | None = None) -> Path:
+    """Download a known file into folder, resuming its .part file; verified, then renamed into place."""
+    if name not in KNOWN_WEIGHTS:
+        raise ConfigError(f"fetch {name}: not a known file; known: {', '.join(KNOWN_WEIGHTS)}")
+    dest, url = folder / name, url_of(name, base_url)
+    if dest.exists():
+        problem = _checksum_problem(dest, name)
+        if problem:
+            raise ConfigError(f"{dest}: already exists but {problem}; left untouched (move it away to fetch again)")
+        print(f"{dest}: already there, checksum ok")
+        return dest
+    folder.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(name + ".part")
+    offset = part.stat().st_size if part.is_file() else 0
+    total = None
+    request = urllib.request.Request(url, headers={"User-Agent": "hlbench"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            if offset and response.status != 206:  # the server ignored the range: start again
+                offset = 0
+            length = response.headers.get("Content-Length")
+            total = offset + int(length) if length is not None else None
+            with open(part, "ab" if offset else "wb") as f, \
+                    tqdm(total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024, desc=name) as bar:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as err:
+        # 416: the range starts at the end, so the .part file is already complete; its checksum decides.
+        if not (offset and err.code == 416):
+            raise ConfigError(f"fetch {url}: HTTP {err.code} {err.reason}; expected the file {name}") from err
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        have = part.stat().st_size if part.is_file() else 0
+        raise ConfigError(f"fetch {url}: {getattr(err, 'reason', err)} after {have} bytes; run fetch again to "
+                          f"resume {part}") from err
+    size = part.stat().st_size
+    if total is not None and size < total:
+        raise ConfigError(f"fetch {url}: got {size} of {total} bytes; run fetch again to resume {part}")
+    problem = _checksum_problem(part, name)
+    if problem:
+        part.unlink()
+        raise ConfigError(f"fetch {url}: {problem} (the published checksum of {name}); removed the download, "
+                          f"{dest} stays absent")
+    os.replace(part, dest)
+    print(f"{dest}: downloaded, checksum ok")
+    return dest
+
+
+def _cmd_fetch(args) -> int:
+    folder = _weights_folder(args.dir, "fetch")
+    names = args.names or [v for v in _files(needed_weights(args.suite)) if "/" not in v]
+    failures = 0
+    for name in names:
+        try:
+            fetch_file(name, folder, args.base_url)
+        except ConfigError as err:
+            print(f"hlbench.weights: {err}", file=sys.stderr)
+            failures += 1
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hlbench.weights", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="the weight files each suite's experiments need")
+    listing.add_argument("--suite", help="one suite (default: all)")
+    check = commands.add_parser("check", help="are the needed files in the folder, with the right checksum?")
+    check.add_argument("--dir", help="the weights folder (default: $HLBENCH_WEIGHTS)")
+    check.add_argument("--suite", help="one suite (default: all)")
+    fetch = commands.add_parser("fetch", help="download, resume, verify and move into place")
+    fetch.add_argument("names", nargs="*", metavar="NAME", help="file names (default: what the suites need)")
+    fetch.add_argument("--suite", help="the files of one suite")
+    fetch.add_argument("--dir", help="the weights folder (default: $HLBENCH_WEIGHTS)")
+    fetch.add_argument("--base-url", help="a mirror replacing the publisher's base URL")
+    args = parser.parse_args(argv)
+    try:
+        return {"list": _cmd_list, "check": _cmd_check, "fetch": _cmd_fetch}[args.command](args)
+    except ConfigError as err:
+        print(f"hlbench.weights: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Evaluation does only what the data can score: the HL branch runs for the AUROC only where the data set has a
+hardness mask, and otherwise for the HL-map panel's images alone."""
+import torch
+from omegaconf import OmegaConf
+
+from hlbench.engine.evaluator import evaluate
+from hlbench.models import build_model
+
+EVAL = OmegaConf.create({"mode": "whole", "crop": None, "stride": None, "window_batch": 4, "batch_size": 4,
+                         "hl_auroc": True})
+DATA = OmegaConf.create({"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0], "hard_kinds": None})
+
+
+class Images(torch.utils.data.Dataset):
+    """Eight random labelled images; `hard_bits` (a hardness mask's kinds) only when `with_mask`."""
+
+    classes = ["a", "b", "c"]
+
+    def __init__(self, with_mask: bool):
+        if with_mask:
+            self.hard_bits = {"thin": 1}
+        g = torch.Generator().manual_seed(0)
+        self.items = [{"img": torch.rand(3, 32, 32, generator=g), "label": torch.randint(0, 3, (32, 32), generator=g),
+                       "hard": torch.randint(0, 2, (32, 32), generator=g, dtype=torch.uint8), "index": i}
+                      for i in range(8)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _counted_model():
+    torch.manual_seed(0)
+    cfg = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "stem_channels": [8, 8, 16],
+                        "pretrained": "none"},
+           "head": {"type": "fcn", "in_index": 3, "channels": 8, "num_convs": 1}, "aux": {"enabled": False}}
+    model = build_model(cfg, num_classes=3, hl=True)
+    seen = []
+    predict_hl = model.predict_hl
+    model.predict_hl = lambda img: seen.append(img.shape[0]) or predict_hl(img)
+    return model, seen
+
+
+def test_hl_branch_runs_for_the_auroc_only_where_a_hardness_mask_exists():
+    model, seen = _counted_model()
+    scored = evaluate(model, Images(with_mask=True), EVAL, DATA, torch.device("cpu"), Images.classes, num_panel=2)
+    assert sum(seen) == 8 and scored["hl_auroc"] is not None
+    model, seen = _counted_model()
+    plain = evaluate(model, Images(with_mask=False), EVAL, DATA, torch.device("cpu"), Images.classes, num_panel=2)
+    assert seen == [2] and plain["hl_auroc"] is None and plain["hl_auroc_kinds"] == {}
+    assert plain["panel"]["hl"].shape == (2, 32, 32)
+    assert plain["metrics"]["mIoU"] == scored["metrics"]["mIoU"]  # the HL branch never changes predictions
+
+
+def test_no_panel_means_no_hl_forward_on_unscorable_data():
+    model, seen = _counted_model()
+    evaluate(model, Images(with_mask=False), EVAL, DATA, torch.device("cpu"), Images.classes, num_panel=0)
+    assert seen == []
