@@ -41,10 +41,12 @@ def pixel_accuracy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int 
     return correct.sum() * 100.0 / valid.sum().clamp_min(1)
 
 
-LOSS_NAMES = ("ce", "balanced_ce", "ohem", "focal")
+# prob_ohem: the semi-supervised references' OHEM (prob_ohem_keep_mask, a mean over the kept pixels).
+LOSS_NAMES = ("ce", "balanced_ce", "ohem", "focal", "prob_ohem")
 # The decode loss's log key, as mmseg names it: OHEM is a pixel sampler on CrossEntropyLoss (the authors' OHEM logs
 # say decode.loss_ce), balanced CE is CrossEntropyLoss with class weights; focal is mmseg FocalLoss's name.
-LOSS_KEYS = {"ce": "loss_ce", "balanced_ce": "loss_ce", "ohem": "loss_ce", "focal": "loss_focal"}
+LOSS_KEYS = {"ce": "loss_ce", "balanced_ce": "loss_ce", "ohem": "loss_ce", "focal": "loss_focal",
+             "prob_ohem": "loss_ce"}
 
 
 def pixel_focal_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
@@ -84,6 +86,40 @@ def ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index: int 
     return keep
 
 
+@torch.no_grad()
+def prob_ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                        thresh: float = 0.7, min_kept: int = 100000, group: int | None = None) -> torch.Tensor:
+    """Bool (N, H, W) of the pixels the semi-supervised references' OHEM keeps (U2PL / UniMatch
+    ProbOhemCrossEntropy2d; logits at label size), per group of `group` images (their per-GPU batch).
+
+    Unlike mmseg's sampler: with fewer than `min_kept` valid pixels every valid pixel is kept; otherwise the
+    threshold is max(thresh, the min_kept-th smallest true-class probability) and pixels at or below it are kept.
+    """
+    n = label.shape[0]
+    group = group or n
+    if n % group:
+        raise ValueError(f"OHEM groups of {group} images need a batch divisible by {group}, got {n} images")
+    valid = label != ignore_index
+    true_prob = logits.float().softmax(1).gather(1, label.where(valid, 0).unsqueeze(1)).squeeze(1)
+    keep = valid.clone()
+    for start in range(0, n, group):
+        part = slice(start, start + group)
+        probs = true_prob[part][valid[part]]
+        if probs.numel() < min_kept or min_kept <= 0:
+            continue
+        kth = probs.kthvalue(min_kept).values
+        keep[part] &= true_prob[part] <= torch.clamp(kth, min=thresh)
+    return keep
+
+
+def kept_mean(pixel_loss: torch.Tensor, keep: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """Mean of a per-pixel loss over the kept pixels of each group of images, averaged over the groups (what
+    per-GPU means averaged by DDP give)."""
+    group = group or pixel_loss.shape[0]
+    means = [(p * k).sum() / k.sum().clamp_min(1) for p, k in zip(pixel_loss.split(group), keep.split(group))]
+    return torch.stack(means).mean()
+
+
 def make_pixel_loss(name: str = "ce", *, ignore_index: int = IGNORE_INDEX, class_weight=None, ohem_thresh: float = 0.7,
                     ohem_min_kept: int = 100000, ohem_group: int | None = None, focal_gamma: float = 2.0):
     """The decode head's per-pixel loss, a function (logits at label size, label) -> (N, H, W) fp32.
@@ -97,7 +133,7 @@ def make_pixel_loss(name: str = "ce", *, ignore_index: int = IGNORE_INDEX, class
     if name == "balanced_ce" and not class_weight:
         # e.g. a profile=smoke dry run of the loss table on synthetic data: same code path, uniform weights.
         log.warning("loss.name=balanced_ce without loss.class_weight (nor data.class_weight): uniform weights")
-    if name == "ce":
+    if name in ("ce", "prob_ohem"):  # prob_ohem's pixel selection and mean belong to its caller (LabelledLoss)
         return lambda logits, label: pixel_cross_entropy(logits, label, ignore_index)
     if name == "focal":
         return lambda logits, label: pixel_focal_loss(logits, label, ignore_index, focal_gamma)

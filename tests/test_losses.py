@@ -4,22 +4,24 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from hlbench.losses import make_pixel_loss, ohem_keep_mask, pixel_cross_entropy, pixel_focal_loss
+from hlbench.losses import (kept_mean, make_pixel_loss, ohem_keep_mask, pixel_cross_entropy, pixel_focal_loss,
+                            prob_ohem_keep_mask)
 from hlbench.methods import LabelledLoss
 from hlbench.models import build_model
 from hlbench.models.heads import resize
 
 HL = {"enabled": True, "lam": 0.01, "offset": 0.1, "scope": "batch", "group_size": 2, "image_reduce": "mean",
-      "ignore": "keep", "detach_features": True, "weight_aux": False, "lr_mult": 1.0}
+      "ignore": "keep", "detach_features": True, "weight_aux": False, "lr_mult": 1.0,
+      "semisup": {"apply_to": ["sup"], "ohem": "mask_then_normalise"}}
 
 
-def _labelled_loss(per_device=2, **loss):
+def _labelled_loss(per_device=2, hl=None, **loss):
     """The labelled loss for a device batch of `per_device` images (reference 1 x per_device: no grouping)."""
     cfg = OmegaConf.create({
-        "hl": HL, "train": {"batch_size": per_device, "reference": {"gpus": 1, "per_gpu": per_device}},
+        "hl": {**HL, **(hl or {})}, "train": {"batch_size": per_device, "reference": {"gpus": 1, "per_gpu": per_device}},
         "loss": {"ce_denominator": "all_pixels", "name": "ce", "class_weight": None, "ohem_thresh": 0.7,
                  "ohem_min_kept": 100000, "focal_gamma": 2.0, "focal_reference_bug": False, "aux_weight": 0.4,
-                 "stage0_weight": 0.4, **loss}})
+                 "aux_name": "ce", "stage0_weight": 0.4, **loss}})
     return LabelledLoss(cfg, per_device)
 
 
@@ -105,8 +107,7 @@ def test_unknown_loss_name():
 def _tiny_ocrnet():
     cfg = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "pretrained": "none"},
            "head": {"type": "ocr", "in_index": 3, "channels": 16, "ocr_channels": 8,
-                    "stage0": {"type": "fcn", "in_index": 2, "channels": 8, "num_convs": 1, "concat_input": False,
-                               "weight": 0.4}},
+                    "stage0": {"type": "fcn", "in_index": 2, "channels": 8, "num_convs": 1, "concat_input": False}},
            "aux": {"enabled": False}}
     return build_model(cfg, num_classes=4, hl=True).train()
 
@@ -209,3 +210,31 @@ def test_focal_reference_bug_shows_void_as_class_0_to_aux_and_accuracy():
     assert torch.allclose(bug["aux.loss_ce"], pixel_cross_entropy(aux, corrupted).mean() * 0.4, rtol=1e-5)
     assert not torch.allclose(bug["aux.loss_ce"], right["aux.loss_ce"])
     assert bug["decode.acc_seg"] != right["decode.acc_seg"]
+
+
+def test_prob_ohem_keeps_the_min_kept_hardest_or_everything_below_a_lenient_threshold():
+    logits = _two_class_logits([0.9, 0.1, 0.95, 0.8, 0.85, 0.99])
+    label = torch.zeros(1, 1, 6, dtype=torch.long)
+    # 3rd smallest probability (0.85) is above 0.7: the threshold rises to it, and pixels at it are kept.
+    keep = prob_ohem_keep_mask(logits, label, thresh=0.7, min_kept=3)
+    assert keep[0, 0].tolist() == [False, True, False, True, True, False]
+    # Fewer valid pixels than min_kept: every valid pixel is kept.
+    assert prob_ohem_keep_mask(logits, label, thresh=0.7, min_kept=7).all()
+    pix = pixel_cross_entropy(logits, label)
+    assert torch.allclose(kept_mean(pix * keep, keep), pix[keep].mean())
+
+
+def test_prob_ohem_with_uniform_hl_is_prob_ohem():
+    # The invariant of mask_then_normalise: a uniform H reproduces the references' OHEM exactly.
+    torch.manual_seed(0)
+    out = {"out": torch.randn(2, 4, 16, 16), "hl": torch.zeros(2, 1, 16, 16)}
+    label = torch.randint(0, 4, (2, 16, 16))
+    label[0, :4] = 255
+    plain, _ = _labelled_loss(name="prob_ohem", ohem_min_kept=50, hl={"enabled": False})(
+        {"out": out["out"]}, label, False)
+    with_hl, logs = _labelled_loss(name="prob_ohem", ohem_min_kept=50)(out, label, False)
+    assert torch.allclose(logs["decode.loss_ce"], plain, rtol=1e-6)
+    replaced, logs = _labelled_loss(name="prob_ohem", ohem_min_kept=50, hl={"semisup": {"apply_to": ["sup"],
+                                                                                       "ohem": "replace"}})(
+        out, label, False)
+    assert torch.allclose(logs["decode.loss_ce"], pixel_cross_entropy(out["out"], label).mean(), rtol=1e-6)

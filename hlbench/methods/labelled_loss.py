@@ -14,13 +14,20 @@ import torch
 
 from ..hardness import hardness_loss
 from ..labels import IGNORE_INDEX
-from ..losses import LOSS_KEYS, make_pixel_loss, pixel_accuracy, pixel_cross_entropy, reduce_pixel_loss
+from ..losses import (LOSS_KEYS, kept_mean, make_pixel_loss, pixel_accuracy, pixel_cross_entropy,
+                      prob_ohem_keep_mask, reduce_pixel_loss)
 from ..models.heads import resize
 
 log = logging.getLogger("hlbench")
 
 HL_SCOPES = ("reference", "batch", "group", "image")
 HL_IGNORE_MODES = ("keep", "exclude")
+AUX_LOSSES = ("ce", "prob_ohem")
+# With the references' OHEM (loss.name=prob_ohem): mask_then_normalise renormalises H over the kept pixels, so a
+# uniform H gives that OHEM exactly; replace puts HL on plain CE, as the fully supervised loss table does.
+HL_OHEM_MODES = ("mask_then_normalise", "replace")
+# The losses HL may weight in a semi-supervised method (hl.semisup.apply_to).
+HL_SEMISUP_TARGETS = ("sup", "u2pl.unsup", "unimatch.s1", "unimatch.s2", "unimatch.fp")
 # The authors' HL knobs (method.md §13) besides the normaliser's scope, which must equal their per-GPU batch.
 HL_REFERENCE = {"lam": 0.01, "offset": 0.1, "ignore": "keep", "detach_features": True, "weight_aux": False,
                 "lr_mult": 1.0}
@@ -59,6 +66,9 @@ class LabelledLoss:
         self.denominator = loss.ce_denominator
         self.aux_weight, self.stage0_weight = float(loss.aux_weight), float(loss.stage0_weight)
         self.focal_bug = bool(loss.focal_reference_bug)
+        self.aux_name = loss.aux_name
+        self.ohem = (float(loss.ohem_thresh), int(loss.ohem_min_kept))
+        self.prob_ohem = loss.name == "prob_ohem" and not (self.hl.enabled and self.hl.semisup.ohem == "replace")
         self.decode_loss = make_pixel_loss(loss.name, ignore_index=ignore_index, class_weight=loss.class_weight,
                                            ohem_thresh=loss.ohem_thresh, ohem_min_kept=loss.ohem_min_kept,
                                            ohem_group=self.group, focal_gamma=loss.focal_gamma)
@@ -113,6 +123,11 @@ class LabelledLoss:
             return reduce_pixel_loss(pixel_loss, label, self.ignore_index, self.denominator)
         return (weights.detach() * pixel_loss).sum() / self._parts(label.shape[0])
 
+    def _prob_ohem(self, logits, label):
+        """(CE on the kept pixels, kept mask) of the semi-supervised references' OHEM, per reference GPU batch."""
+        keep = prob_ohem_keep_mask(logits, label, self.ignore_index, *self.ohem, group=self.group)
+        return pixel_cross_entropy(logits, label, self.ignore_index) * keep, keep
+
     def __call__(self, out: dict, label: torch.Tensor, align_corners: bool):
         size = label.shape[-2:]
         logs: dict[str, torch.Tensor] = {}
@@ -123,14 +138,16 @@ class LabelledLoss:
         # A cascade's last stage takes the decode role (HL's L_h uses it alone); earlier stages are only weighted.
         head = "decode_1" if "out0" in out else "decode"
         decode = resize(out["out"], size, align_corners)
-        decode_pix = self.decode_loss(decode, label)
+        decode_pix, keep = self._prob_ohem(decode, label) if self.prob_ohem else (self.decode_loss(decode, label), None)
         weights = None
         if "hl" in out:
             # Sigmoid + normalisation happen after the resize to the label size, as in the reference.
-            valid = (label != self.ignore_index) if self.hl.ignore == "exclude" else None
+            valid = (label != self.ignore_index) if self.hl.ignore == "exclude" else keep
             logs[f"{head}.{self.loss_key}"], logs["weight_loss"], weights = hardness_loss(
                 decode_pix, resize(out["hl"], size, align_corners), lam=self.hl.lam, offset=self.hl.offset,
                 scope=self.scope, valid_mask=valid, group_size=self.group_size, image_reduce=self.hl.image_reduce)
+        elif keep is not None:
+            logs[f"{head}.{self.loss_key}"] = kept_mean(decode_pix, keep, self.group)
         else:
             logs[f"{head}.{self.loss_key}"] = self._reduce(decode_pix, label, None)
         logs[f"{head}.acc_seg"] = pixel_accuracy(decode.detach(), seen, self.ignore_index)
@@ -144,9 +161,12 @@ class LabelledLoss:
 
         if "aux" in out:
             aux = resize(out["aux"], size, align_corners)
-            aux_pix = pixel_cross_entropy(aux, seen, self.ignore_index)
-            aux_weights = weights if self.hl.weight_aux else None
-            logs["aux.loss_ce"] = self._reduce(aux_pix, seen, aux_weights) * self.aux_weight
+            if self.aux_name == "prob_ohem":  # U2PL: 0.4 x OHEM on the aux head too
+                logs["aux.loss_ce"] = kept_mean(*self._prob_ohem(aux, seen), self.group) * self.aux_weight
+            else:
+                aux_pix = pixel_cross_entropy(aux, seen, self.ignore_index)
+                aux_weights = weights if self.hl.weight_aux else None
+                logs["aux.loss_ce"] = self._reduce(aux_pix, seen, aux_weights) * self.aux_weight
             logs["aux.acc_seg"] = pixel_accuracy(aux.detach(), seen, self.ignore_index)
 
         total = sum(v for k, v in logs.items() if "loss" in k)
