@@ -2,10 +2,11 @@
 from .base import Method, Stream
 from .labelled_loss import LabelledLoss
 from .supervised import Supervised
+from .u2pl import U2PL
 
-METHODS = {"supervised": Supervised}
+METHODS = {"supervised": Supervised, "u2pl": U2PL}
 
-__all__ = ["METHODS", "LabelledLoss", "Method", "Stream", "Supervised", "build_method"]
+__all__ = ["METHODS", "LabelledLoss", "Method", "Stream", "Supervised", "U2PL", "build_method"]
 
 
 def build_method(cfg) -> Method:
