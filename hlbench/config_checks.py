@@ -4,6 +4,7 @@ Unknown keys are already rejected by Hydra (the composed config is in struct mod
 """
 from __future__ import annotations
 
+from .engine.evaluator import EVAL_MODES
 from .engine.optim import OPTIMIZERS
 from .errors import ConfigError
 from .engine.precision import PRECISIONS
@@ -27,7 +28,8 @@ CHOICES = {
     "optim.name": OPTIMIZERS,
     "train.norm": ("bn", "syncbn"),
     "train.precision": PRECISIONS,
-    "eval.mode": ("whole", "slide"),
+    "eval.mode": EVAL_MODES,
+    "eval.select_from": ("all", "final_protocol"),
     "device": ("auto", "cpu", "cuda"),
     "logger.name": ("wandb", "none"),
 }
@@ -59,8 +61,13 @@ def check_config(cfg) -> None:
             raise ConfigError(f"{key}={value!r} is not valid; expected a number >= 0")
     if cfg.hl.scope == "group" and cfg.hl.group_size < 1:
         raise ConfigError(f"hl.group_size={cfg.hl.group_size!r} is not valid; expected an integer >= 1")
-    if cfg.eval.mode == "slide" and (not cfg.eval.crop or not cfg.eval.stride):
-        raise ConfigError("eval.mode=slide needs eval.crop=[h,w] and eval.stride=[h,w]")
+    for where, proto in (("eval", cfg.eval), ("eval.during", cfg.eval.during or {"mode": "whole"})):
+        if proto["mode"] not in EVAL_MODES:
+            raise ConfigError(f"{where}.mode={proto['mode']!r} is not valid; expected one of {', '.join(EVAL_MODES)}")
+        if proto["mode"] != "whole" and not proto.get("crop"):
+            raise ConfigError(f"{where}.mode={proto['mode']} needs {where}.crop=[h,w]")
+        if proto["mode"].startswith("slide") and not proto.get("stride"):
+            raise ConfigError(f"{where}.mode={proto['mode']} needs {where}.stride=[h,w]")
     if cfg.loss.focal_reference_bug and cfg.loss.name != "focal":
         raise ConfigError(f"loss.focal_reference_bug=true reproduces a bug of the authors' focal loss; it needs "
                           f"loss.name=focal, got {cfg.loss.name!r}")

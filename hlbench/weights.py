@@ -36,9 +36,10 @@ CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class KnownFile:
-    sha256_prefix: str  # the publisher's checksum: the start of the file's sha256
+    sha256_prefix: str  # the publisher's checksum: the start of the file's sha256 ("" where none is published)
     source: str
     base_url: str = OPENMMLAB_BASE_URL
+    page: str | None = None  # a page to download the file from by hand, where there is no direct link
 
 
 # The files the reference starts from: mmcv's open-mmlab.json entries `open-mmlab://resnet{18,50,101}_v1c`.
@@ -47,6 +48,10 @@ KNOWN_WEIGHTS = {
     "resnet50_v1c-2cccc1ad.pth": KnownFile("2cccc1ad", "mmcv open-mmlab://resnet50_v1c (ResNetV1c-50, ImageNet)"),
     "resnet101_v1c-e67eebb6.pth": KnownFile("e67eebb6",
                                             "mmcv open-mmlab://resnet101_v1c (ResNetV1c-101, ImageNet)"),
+    # The semi-supervised references' deep-stem ResNet-101 (U2PL's and UniMatch's READMEs link their own Google
+    # Drive uploads, not known to differ; UniMatch's: https://drive.google.com/file/d/13jNMOEYkqBC3CimlSSw-sWRHVZEeROmK)
+    "resnet101.pth": KnownFile("", "U2PL / UniMatch ImageNet ResNet-101 (deep stem), no checksum published",
+                               page="https://drive.google.com/file/d/1nzSX8bX3zoRREn6WnoEeAPbKYPPOa-3Y/view"),
 }
 
 
@@ -72,6 +77,8 @@ def _folder(weights_dir) -> Path | None:
 def _where_to_get(name: str, folder: Path | None) -> str:
     if name not in KNOWN_WEIGHTS:
         return f"{name} is not a known download (known: {', '.join(KNOWN_WEIGHTS)}): put the file there yourself"
+    if KNOWN_WEIGHTS[name].page:
+        return f"download it by hand from {KNOWN_WEIGHTS[name].page} (no direct link) into {folder or '<folder>'}"
     return (f"get it from {url_of(name)} or with `python -m hlbench.weights fetch {name} "
             f"--dir {folder if folder else '<folder>'}`")
 
@@ -149,7 +156,10 @@ def sha256_of(path: Path) -> str:
 
 def _checksum_problem(path: Path, name: str) -> str | None:
     """None when path's sha256 starts with the published prefix, else a description of the mismatch."""
-    digest, prefix = sha256_of(path), KNOWN_WEIGHTS[name].sha256_prefix
+    prefix = KNOWN_WEIGHTS[name].sha256_prefix
+    if not prefix:
+        return None
+    digest = sha256_of(path)
     return None if digest.startswith(prefix) else f"sha256 {digest[:16]}... does not start with {prefix}"
 
 
@@ -160,6 +170,9 @@ def _cmd_list(args) -> int:
             used = f"{len(experiments)} experiments" if len(experiments) > 1 else experiments[0]
             if value == NONE:
                 print(f"  none (from scratch)  [{used}]")
+            elif value in KNOWN_WEIGHTS and KNOWN_WEIGHTS[value].page:
+                known = KNOWN_WEIGHTS[value]
+                print(f"  {value}  (no checksum)  by hand from {known.page}  {known.source}  [{used}]")
             elif value in KNOWN_WEIGHTS:
                 known = KNOWN_WEIGHTS[value]
                 print(f"  {value}  sha256 {known.sha256_prefix}...  {url_of(value)}  {known.source}  [{used}]")
@@ -182,7 +195,7 @@ def _file_status(path: Path) -> tuple[bool, str]:
         if part.is_file():
             return False, f"MISSING (partial download {part.name}: {part.stat().st_size} bytes; fetch resumes it)"
         return False, "MISSING"
-    if path.name not in KNOWN_WEIGHTS:
+    if path.name not in KNOWN_WEIGHTS or not KNOWN_WEIGHTS[path.name].sha256_prefix:
         return True, "present (no published checksum to compare)"
     problem = _checksum_problem(path, path.name)
     return (False, f"BAD: {problem}") if problem else (True, "ok")
@@ -207,6 +220,8 @@ def fetch_file(name: str, folder: Path, base_url: str | None = None) -> Path:
     """Download a known file into folder, resuming its .part file; verified, then renamed into place."""
     if name not in KNOWN_WEIGHTS:
         raise ConfigError(f"fetch {name}: not a known file; known: {', '.join(KNOWN_WEIGHTS)}")
+    if KNOWN_WEIGHTS[name].page:
+        raise ConfigError(f"fetch {name}: no direct download; get it by hand from {KNOWN_WEIGHTS[name].page}")
     dest, url = folder / name, url_of(name, base_url)
     if dest.exists():
         problem = _checksum_problem(dest, name)

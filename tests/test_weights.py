@@ -96,9 +96,21 @@ def test_model_configs_name_the_reference_file_of_their_depth():
         backbone = OmegaConf.load(path).backbone
         if backbone.width_mult < 1:  # the CPU smoke model: no ImageNet file has its shapes
             assert backbone.pretrained == "none", path
+        elif backbone.type == "resnet_v1s":  # the semi-supervised references' own deep-stem ResNet-101 file
+            assert backbone.pretrained == "resnet101.pth" and backbone.depth == 101, path
         else:
             assert backbone.type == "resnet_v1c" and backbone.pretrained in weights.KNOWN_WEIGHTS, path
             assert backbone.pretrained.startswith(f"resnet{backbone.depth}_v1c-"), path
+
+
+def test_a_file_without_a_direct_link_points_to_its_page(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="by hand from https://drive.google.com/"):
+        weights.resolve_pretrained({"backbone": {"pretrained": "resnet101.pth"}}, tmp_path)
+    assert main(["fetch", "resnet101.pth", "--dir", str(tmp_path)]) != 0
+    assert "no direct download" in capsys.readouterr().err and not (tmp_path / "resnet101.pth").exists()
+    (tmp_path / "resnet101.pth").write_bytes(b"weights")
+    assert weights.resolve_pretrained({"backbone": {"pretrained": "resnet101.pth"}}, tmp_path) == \
+        tmp_path / "resnet101.pth"
 
 
 # --- build_model ------------------------------------------------------------------------------------------------

@@ -4,24 +4,42 @@ from __future__ import annotations
 import torch
 
 from hlbench.data.ade20k import ADE20K, build_ade20k
-from hlbench.data.cityscapes import Cityscapes, build_cityscapes
+from hlbench.data.cityscapes import Cityscapes, build_cityscapes, build_cityscapes_semisup, cityscapes_split
 from hlbench.data.gta5 import GTA5, build_gta5_to_cityscapes
-from hlbench.data.synthetic import SyntheticStreets, build_synthetic
+from hlbench.data.semisup import Split, UnlabeledImages, read_split_list, shipped_splits
+from hlbench.data.synthetic import SyntheticStreets, build_synthetic, build_synthetic_semisup, synthetic_split
 from hlbench.data.transforms import build_test_pipeline, build_train_pipeline, sample_rng, worker_init_fn
 
-__all__ = ["ADE20K", "DATASETS", "GTA5", "Cityscapes", "SyntheticStreets", "build_datasets", "build_test_pipeline", "build_train_pipeline",
-           "normalize_batch", "sample_rng", "worker_init_fn"]
+__all__ = ["ADE20K", "DATASETS", "GTA5", "Cityscapes", "SEMISUP_SPLITS", "Split", "SyntheticStreets",
+           "UnlabeledImages", "build_datasets", "build_test_pipeline", "build_train_pipeline", "normalize_batch",
+           "read_split_list", "sample_rng", "shipped_splits", "split_record", "worker_init_fn"]
 
 DATASETS = {"synthetic": build_synthetic, "cityscapes": build_cityscapes,
-            "gta5_to_cityscapes": build_gta5_to_cityscapes, "ade20k": build_ade20k}
+            "gta5_to_cityscapes": build_gta5_to_cityscapes, "ade20k": build_ade20k,
+            "cityscapes_semisup": build_cityscapes_semisup, "synthetic_semisup": build_synthetic_semisup}
+# The semi-supervised data sets: data.name -> the function giving its Split.
+SEMISUP_SPLITS = {"cityscapes_semisup": cityscapes_split, "synthetic_semisup": synthetic_split}
 
 
 def build_datasets(data_cfg, seed: int) -> dict:
-    """{"train": Dataset, "val": Dataset} for data_cfg.name; `seed` is the run seed (augmentation only)."""
+    """{"train": Dataset, "val": Dataset} for data_cfg.name; `seed` is the run seed (augmentation only).
+
+    Semi-supervised data sets (SEMISUP_SPLITS) add "unlabeled", and their "train" is the labeled part of the split.
+    """
     name = data_cfg.get("name") if data_cfg is not None else None
     if name not in DATASETS:
         raise ValueError(f"data.name={name!r} is not a known data set; valid names: {sorted(DATASETS)}")
     return DATASETS[name](data_cfg, seed)
+
+
+def split_record(data_cfg) -> dict | None:
+    """The identity of a semi-supervised data config's split (semisup.Split.record), None for other data sets.
+
+    {"source": "u2pl/1_8" | <folder> | "seeded(<fraction>, <seed>)", "labeled_sha256", "unlabeled_sha256",
+    "num_labeled", "num_unlabeled"}. It reads the lists (or the train folder) but opens no image.
+    """
+    split = SEMISUP_SPLITS.get(data_cfg.get("name"))
+    return None if split is None else split(data_cfg).record()
 
 
 def normalize_batch(img: torch.Tensor, mean, std, img_hw: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,7 @@ import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 
 from hlbench.data.files import IGNORE_INDEX, LabelledFiles, config_split, require_dir
+from hlbench.data.semisup import Split, UnlabeledImages, derived_label, resolve_split
 from hlbench.data.transforms import build_split_pipelines, config_value
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -79,3 +80,55 @@ def build_cityscapes(data_cfg, seed: int) -> dict:
     root = config_value(data_cfg, "root", "the Cityscapes folder", "data")
     return {split: Cityscapes(root, config_split(data_cfg, split), transform, seed)
             for split, transform in pipelines.items()}
+
+
+def cityscapes_split(data_cfg) -> Split:
+    """The semi-supervised split of data.split; a seeded one draws from the images of data.train.split."""
+    root = Path(config_value(data_cfg, "root", "the Cityscapes folder", "data"))
+
+    def train_list():
+        images = (image.relative_to(root).as_posix()
+                  for image in cityscapes_images(root, config_split(data_cfg, "train")))
+        return [(image, derived_label(image)) for image in images]
+
+    return resolve_split(data_cfg, train_list)
+
+
+def split_files(root, split: Split) -> tuple[list[tuple[Path, Path, np.ndarray | None]], list[Path]]:
+    """([(image, label, lut)] of the labeled list, [unlabeled image]) under `root`, once every listed file exists.
+
+    A listed *_labelTrainIds.png may be replaced by its *_labelIds.png and the id LUT, as for the folder splits.
+    """
+    root = Path(root)
+    pairs, missing = [], []
+    for image, label in split.labeled:
+        image, label = root / image, root / label
+        if not image.is_file():
+            missing.append(image)
+        if label.is_file():
+            pairs.append((image, label, None))
+        elif (label.name.endswith(TRAIN_ID_SUFFIX)
+              and (raw := label.with_name(label.name[: -len(TRAIN_ID_SUFFIX)] + LABEL_ID_SUFFIX)).is_file()):
+            pairs.append((image, raw, ID_TO_TRAIN_ID))
+        else:
+            missing.append(label)
+    unlabeled = [root / image for image in split.unlabeled]
+    missing += [image for image in unlabeled if not image.is_file()]
+    if missing:
+        total = 2 * len(split.labeled) + len(split.unlabeled)
+        raise FileNotFoundError(f"split {split.source}: {len(missing)} of the {total} listed files are missing "
+                                f"under {root}; the first is {missing[0]}")
+    return pairs, unlabeled
+
+
+def build_cityscapes_semisup(data_cfg, seed: int) -> dict:
+    """{"train": the labeled list, "unlabeled": the unlabeled images, "val"} of the split data.split selects.
+
+    Labeled and unlabeled crops go through the same train pipeline; `seed` drives augmentation.
+    """
+    pipelines = build_split_pipelines(data_cfg, CLASSES)
+    root = config_value(data_cfg, "root", "the Cityscapes folder", "data")
+    pairs, unlabeled = split_files(root, cityscapes_split(data_cfg))
+    return {"train": LabelledFiles(pairs, CLASSES, PALETTE, pipelines["train"], seed),
+            "unlabeled": UnlabeledImages(unlabeled, pipelines["train"], seed),
+            "val": Cityscapes(root, config_split(data_cfg, "val"), pipelines["val"], seed)}

@@ -4,6 +4,10 @@ A scene's label layout is a pure function of (seed, split, index); its look addi
 domain, so "source" and "target" draw the same layouts in two styles (domain generalisation) while train,
 val and unlabeled never share a scene (the split enters the seed).
 
+Semi-supervised (`build_synthetic_semisup`): a pool of data.train.num_images slots is split by the seeded rule
+of hlbench.data.semisup; a labeled slot i serves train scene i, an unlabeled slot i unlabeled scene i, so no
+unlabeled image is ever a labeled one and its label never leaves the generator.
+
 The scenes are easy for a tiny CNN overall, but four kinds of pixels stay measurably harder; each pixel's
 kinds are recorded in the uint8 bitmask `hard` (HARD_BITS):
   thin        poles (1-3 px wide columns) and wires (1 px lines)
@@ -18,7 +22,9 @@ import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
+from hlbench.data.semisup import Split, resolve_split, unlabeled_sample
 from hlbench.data.transforms import Compose, ToTensor, build_split_pipelines, config_value, sample_rng
+from hlbench.errors import ConfigError
 from hlbench.labels import IGNORE_INDEX
 
 CLASSES = ("road", "sidewalk", "building", "wire", "pole", "traffic light", "traffic sign", "vegetation",
@@ -371,18 +377,25 @@ def generate_scene(size: tuple[int, int], seed: int, split: str, index: int, dom
 class SyntheticStreets(Dataset):
     """Procedural street scenes; items are the contract's dicts produced by `transform(sample, rng)`.
 
+    Items of the "unlabeled" split are unlabeled samples ({"img", "pad", "index"} before the pipeline).
+
     Args:
+        num_images: the split's scenes are 0..num_images-1.
         size: (H, W) of the generated scenes.
         seed: scene seed; the data set's identity (keep it fixed across runs, like a real data set).
         transform: pipeline from hlbench.data.transforms (default: ToTensor only).
         aug_seed: mixed into each item's augmentation Generator (see transforms.sample_rng).
+        scenes: serve only these scene indices, in this order (a split's part); default all of them.
     """
 
     def __init__(self, split: str, num_images: int, size=(160, 160), seed: int = 0, domain: str = "source",
-                 transform=None, aug_seed: int = 0):
+                 transform=None, aug_seed: int = 0, scenes=None):
         _check_split_domain(split, domain)
         if num_images < 1:
             raise ValueError(f"synthetic num_images must be >= 1, got {num_images}")
+        self.scenes = list(range(num_images)) if scenes is None else [int(i) for i in scenes]
+        if not self.scenes or not all(0 <= i < num_images for i in self.scenes):
+            raise ValueError(f"synthetic scenes must be a non-empty subset of 0..{num_images - 1}")
         self.split, self.num_images, self.size = split, int(num_images), tuple(int(v) for v in size)
         self.seed, self.domain, self.aug_seed = int(seed), domain, int(aug_seed)
         self.transform = transform if transform is not None else Compose([ToTensor()])
@@ -391,24 +404,56 @@ class SyntheticStreets(Dataset):
         self.hard_bits = dict(HARD_BITS)
 
     def __len__(self) -> int:
-        return self.num_images
+        return len(self.scenes)
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.num_images:
-            raise IndexError(f"index {index} out of range for {self.num_images} synthetic images")
-        img, label, hard = generate_scene(self.size, self.seed, self.split, index, self.domain)
-        sample = {"img": img, "label": label, "hard": hard, "index": int(index)}
+        if not 0 <= index < len(self.scenes):
+            raise IndexError(f"index {index} out of range for {len(self.scenes)} synthetic images")
+        img, label, hard = generate_scene(self.size, self.seed, self.split, self.scenes[index], self.domain)
+        if self.split == "unlabeled":
+            sample = unlabeled_sample(img, index)
+        else:
+            sample = {"img": img, "label": label, "hard": hard, "index": int(index)}
         return self.transform(sample, sample_rng(self.aug_seed))
 
 
+def _streets(data_cfg, key: str, split: str, transform, seed: int, scenes=None) -> SyntheticStreets:
+    """The `split` scenes configured by data.<key> ({num_images, size, domain})."""
+    cfg = config_value(data_cfg, key, "{num_images, size, domain}", "data")
+    return SyntheticStreets(split, config_value(cfg, "num_images", "an int", f"data.{key}"),
+                            config_value(cfg, "size", "[H, W]", f"data.{key}"), seed=data_cfg.get("scene_seed", 0),
+                            domain=cfg.get("domain", "source"), transform=transform, aug_seed=seed, scenes=scenes)
+
+
 def build_synthetic(data_cfg, seed: int) -> dict:
-    """{"train", "val"} SyntheticStreets from the data config; `seed` (the run seed) drives augmentation."""
+    """{"train", "val", "unlabeled"} SyntheticStreets from the data config; `seed` (the run seed) drives augmentation.
+
+    "unlabeled" (as many scenes of the unlabeled stream as train has, through the train pipeline) lets any
+    semi-supervised method dry-run on these scenes (profile=smoke) beside the fully labeled train set; the study
+    with a labeled fraction is data=synthetic_semisup. Scenes are generated on access, so it costs nothing unused.
+    """
     pipelines = build_split_pipelines(data_cfg, CLASSES)
-    datasets = {}
-    for split, transform in pipelines.items():
-        cfg = config_value(data_cfg, split, "{num_images, size, domain}", "data")
-        datasets[split] = SyntheticStreets(
-            split, config_value(cfg, "num_images", "an int", f"data.{split}"),
-            config_value(cfg, "size", "[H, W]", f"data.{split}"), seed=data_cfg.get("scene_seed", 0),
-            domain=cfg.get("domain", "source"), transform=transform, aug_seed=seed)
+    datasets = {split: _streets(data_cfg, split, split, transform, seed) for split, transform in pipelines.items()}
+    datasets["unlabeled"] = _streets(data_cfg, "train", "unlabeled", pipelines["train"], seed)
     return datasets
+
+
+def synthetic_split(data_cfg) -> Split:
+    """The seeded split of the data.train.num_images pool slots, named "0", "1", ... (scenes have no lists)."""
+    if data_cfg.get("split") is not None:
+        raise ConfigError(f"data.split={data_cfg.split!r}: synthetic scenes have no split lists; use data.split=null "
+                          "with data.split_fraction and data.split_seed")
+    pool = config_value(config_value(data_cfg, "train", "{num_images, size, domain}", "data"), "num_images",
+                        "an int", "data.train")
+    return resolve_split(data_cfg, lambda: [(str(i), None) for i in range(pool)])
+
+
+def build_synthetic_semisup(data_cfg, seed: int) -> dict:
+    """{"train": the labeled slots' scenes, "unlabeled": the unlabeled slots' scenes, "val"}; see the module doc."""
+    pipelines = build_split_pipelines(data_cfg, CLASSES)
+    split = synthetic_split(data_cfg)
+    return {"train": _streets(data_cfg, "train", "train", pipelines["train"], seed,
+                              scenes=[int(name) for name, _ in split.labeled]),
+            "unlabeled": _streets(data_cfg, "train", "unlabeled", pipelines["train"], seed,
+                                  scenes=[int(name) for name in split.unlabeled]),
+            "val": _streets(data_cfg, "val", "val", pipelines["val"], seed)}

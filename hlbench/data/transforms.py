@@ -1,8 +1,14 @@
-"""mmseg-0.x-equivalent train / test pipelines on numpy samples (datasets.md §5-§6).
+"""mmseg-0.x-equivalent train / test pipelines on numpy samples (datasets.md §5-§6), and the weak pipelines of
+U2PL and UniMatch (semisup.md §2.2, §3.3) as options of the same builder.
 
 A sample is a dict: "img" H×W×3 uint8 RGB, "label" H×W uint8 (255 = ignore); every other 2-D numpy array
 (e.g. "hard") is a per-pixel mask that follows the geometric steps like the label (nearest, padded with 0).
 Other keys pass through. A step is called as `step(sample, rng)` with a numpy Generator and returns a new dict.
+
+Unlabeled samples (semi-supervised data sets) have no "label" and no "hard"; they carry "pad" instead, an H×W
+uint8 mask that every padding step sets to 1 on the pixels it adds, so after crops and flips it still marks the
+pixels that are not image (UniMatch's ignore mask, its 254 label). Labeled samples mark padding with their label
+fill (255, or U2PL's 0) and carry no "pad".
 
 We keep RGB where mmseg works on BGR. Brightness and contrast treat channels alike and the HSV ops convert with
 COLOR_RGB2HSV / COLOR_HSV2RGB, so each output is exactly the channel flip of mmseg's.
@@ -18,8 +24,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
+from PIL import Image
 
 from hlbench.labels import IGNORE_INDEX
+
+PAD_KEY = "pad"
 
 
 def config_value(cfg, key: str, expected: str, where: str):
@@ -87,6 +96,50 @@ class RandomResize:
                            lambda m: cv2.resize(m, size, interpolation=cv2.INTER_NEAREST))
 
 
+class RandomScaleFactor:
+    """U2PL's RandResize: the image's own size times s, with s ~ U(lo, 1) or U(1, hi) with probability 0.5 each.
+
+    Each side is int(side * s), as U2PL does; bilinear (half-pixel centres, like its align_corners=False) for the
+    image, nearest for masks.
+    """
+
+    def __init__(self, ratio_range):
+        self.lo, self.hi = _ratio_range(ratio_range)
+        if not self.lo <= 1.0 <= self.hi:
+            raise ValueError(f"resize.ratio_range must contain 1 for mode factor, got {list(ratio_range)}")
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        s = rng.uniform(self.lo, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, self.hi)
+        h, w = sample["img"].shape[:2]
+        size = (int(w * s), int(h * s))
+        return _map_pixels(sample, lambda a: cv2.resize(a, size, interpolation=cv2.INTER_LINEAR),
+                           lambda m: cv2.resize(m, size, interpolation=cv2.INTER_NEAREST))
+
+
+def _pil_resize(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
+    return np.array(Image.fromarray(a).resize(size, resample))
+
+
+class RandomLongSide:
+    """UniMatch's resize: long side ~ randint(int(L * lo), int(L * hi)) (inclusive) of the image's long side L,
+    the other side int(side * ratio + 0.5).
+
+    Resampled with PIL (bilinear image, nearest masks) as UniMatch does: PIL's bilinear filter widens when it
+    shrinks (antialiasing) where OpenCV's does not, and its nearest samples pixel centres.
+    """
+
+    def __init__(self, ratio_range):
+        self.lo, self.hi = _ratio_range(ratio_range)
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        h, w = sample["img"].shape[:2]
+        long = max(h, w)
+        side = int(rng.integers(int(long * self.lo), int(long * self.hi) + 1))
+        size = (int(w * side / h + 0.5), side) if h > w else (side, int(h * side / w + 0.5))
+        return _map_pixels(sample, lambda a: _pil_resize(a, size, Image.BILINEAR),
+                           lambda m: _pil_resize(m, size, Image.NEAREST))
+
+
 class TestResize:
     """Test-time keep-ratio resize of the image only; label and masks stay at the original size (§6)."""
 
@@ -121,7 +174,7 @@ class RandomCrop:
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         h, w = sample["img"].shape[:2]
         box = self._box(h, w, rng)
-        if self.cat_max_ratio < 1.0:
+        if self.cat_max_ratio < 1.0 and "label" in sample:  # an unlabeled crop has no classes to balance
             for _ in range(10):
                 if self._balanced(sample["label"][box]):
                     break
@@ -182,6 +235,20 @@ class PhotoMetricDistortion:
         return out
 
 
+def _pad_sample(sample: dict, top: int, bottom: int, left: int, right: int, image_fill, label_fill: int) -> dict:
+    """Adds the margins to every pixel array: image `image_fill`, label `label_fill`, "pad" 1, other masks 0."""
+    out = dict(sample)
+    for key, value in sample.items():
+        if isinstance(value, np.ndarray) and (key == "img" or value.ndim == 2):
+            fill = {"img": image_fill, "label": label_fill, PAD_KEY: 1}.get(key, 0)
+            h, w = value.shape[:2]
+            padded = np.empty((top + h + bottom, left + w + right) + value.shape[2:], value.dtype)
+            padded[...] = fill
+            padded[top:top + h, left:left + w] = value
+            out[key] = padded
+    return out
+
+
 class Pad:
     """Pads bottom/right to `size` [h, w]: image 0, label `label_pad`, masks 0; records img_hw (unpadded)."""
 
@@ -193,16 +260,37 @@ class Pad:
         ph, pw = self.size
         if h > ph or w > pw:
             raise ValueError(f"Pad: image {h}x{w} is larger than the pad size {ph}x{pw}")
-
-        def pad(a: np.ndarray, value: int) -> np.ndarray:
-            out = np.full((ph, pw) + a.shape[2:], value, a.dtype)
-            out[:h, :w] = a
-            return out
-
-        out = {k: pad(v, self.label_pad if k == "label" else 0)
-               if isinstance(v, np.ndarray) and (k == "img" or v.ndim == 2) else v for k, v in sample.items()}
+        out = _pad_sample(sample, 0, ph - h, 0, pw - w, 0, self.label_pad)
         out["img_hw"] = (h, w)
         return out
+
+
+class PadToCrop:
+    """Pads to at least `size` [h, w] before the crop, as U2PL (mode "centre") and UniMatch ("bottom_right") do.
+
+    U2PL pads its normalised image with 0, i.e. the mean colour: pass the mean as `image_fill`, rounded here to
+    uint8, which normalises to within 0.01 of 0. UniMatch pads the raw image with black: `image_fill` [0, 0, 0].
+    The crop then never needs the final bottom/right pad, so nothing is zeroed on the device (img_hw = the crop).
+    """
+
+    MODES = ("centre", "bottom_right")
+
+    def __init__(self, size, mode: str, image_fill, label_fill: int):
+        if mode not in self.MODES:
+            raise ValueError(f"pad.mode={mode!r} is not valid; expected one of {', '.join(self.MODES)}")
+        fill = np.asarray(image_fill, np.float64)
+        if fill.shape != (3,):
+            raise ValueError(f"pad.image_fill must be [R, G, B], got {image_fill!r}")
+        self.size, self.mode, self.label_fill = _pair(size, "crop [h, w]"), mode, int(label_fill)
+        self.image_fill = np.clip(np.round(fill), 0, 255).astype(np.uint8)
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
+        h, w = sample["img"].shape[:2]
+        ph, pw = max(self.size[0] - h, 0), max(self.size[1] - w, 0)
+        if not (ph or pw):
+            return sample
+        top, left = (ph // 2, pw // 2) if self.mode == "centre" else (0, 0)
+        return _pad_sample(sample, top, ph - top, left, pw - left, self.image_fill, self.label_fill)
 
 
 class ToTensor:
@@ -234,8 +322,12 @@ class Compose:
         return sample
 
 
-_TRAIN_KEYS = ("resize", "crop", "cat_max_ratio", "flip", "photometric")
+_TRAIN_KEYS = ("resize", "crop", "cat_max_ratio", "flip", "photometric", "pad")
 _TEST_KEYS = ("resize",)
+# resize.mode -> its keys: mmseg's img_scale x ratio (the default), U2PL's scale factor, UniMatch's long side.
+_RESIZE_KEYS = {"ratio": ("mode", "scale", "ratio_range"), "factor": ("mode", "ratio_range"),
+                "long_side": ("mode", "ratio_range")}
+_PAD_KEYS = ("mode", "image_fill", "label_fill")
 
 
 def _check_keys(cfg, valid: tuple[str, ...], where: str) -> None:
@@ -244,15 +336,39 @@ def _check_keys(cfg, valid: tuple[str, ...], where: str) -> None:
         raise KeyError(f"{where}: unknown keys {unknown}; valid keys: {list(valid)}")
 
 
+def _build_resize(resize_cfg):
+    where = "data.train_pipeline.resize"
+    mode = resize_cfg.get("mode", "ratio")
+    if mode not in _RESIZE_KEYS:
+        raise ValueError(f"{where}.mode={mode!r} is not valid; expected one of {', '.join(_RESIZE_KEYS)}")
+    _check_keys(resize_cfg, _RESIZE_KEYS[mode], f"{where} (mode {mode})")
+    if mode == "ratio":
+        return RandomResize(config_value(resize_cfg, "scale", "[W, H]", where), resize_cfg.get("ratio_range"))
+    ratio_range = config_value(resize_cfg, "ratio_range", "[lo, hi]", where)
+    return RandomScaleFactor(ratio_range) if mode == "factor" else RandomLongSide(ratio_range)
+
+
 def build_train_pipeline(pipeline_cfg) -> Compose:
-    """resize -> crop -> flip -> photometric -> pad -> tensor, from data.train_pipeline (datasets.md §5)."""
+    """resize -> [pad to the crop] -> crop -> flip -> photometric -> pad -> tensor, from data.train_pipeline.
+
+    mmseg (datasets.md §5) crops first and pads the crop bottom/right afterwards. With a `pad` mapping the image
+    is padded before the crop instead, as U2PL (centred) and UniMatch (bottom/right) do (semisup.md §2.2, §3.3);
+    the final pad is then a no-op that records img_hw. U2PL flips before its crop; with a uniform crop offset
+    the order only decides which side of a centred pad gets the odd pixel.
+    """
     _check_keys(pipeline_cfg, _TRAIN_KEYS, "data.train_pipeline")
     crop = config_value(pipeline_cfg, "crop", "[h, w]", "data.train_pipeline")
     steps = []
     resize = pipeline_cfg.get("resize")
     if resize is not None:
-        steps.append(RandomResize(config_value(resize, "scale", "[W, H]", "data.train_pipeline.resize"),
-                                  resize.get("ratio_range")))
+        steps.append(_build_resize(resize))
+    pad = pipeline_cfg.get("pad")
+    if pad is not None:
+        where = "data.train_pipeline.pad"
+        _check_keys(pad, _PAD_KEYS, where)
+        steps.append(PadToCrop(crop, config_value(pad, "mode", "centre | bottom_right", where),
+                               config_value(pad, "image_fill", "[R, G, B]", where),
+                               config_value(pad, "label_fill", "a label id (255 = ignore)", where)))
     steps.append(RandomCrop(crop, pipeline_cfg.get("cat_max_ratio", 1.0)))
     if pipeline_cfg.get("flip", 0.0):
         steps.append(RandomFlip(pipeline_cfg["flip"]))

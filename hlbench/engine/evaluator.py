@@ -18,12 +18,26 @@ from ..metrics import ConfusionMatrix, binary_auroc
 _AUROC_PIXELS_PER_IMAGE = 4096
 
 
+EVAL_MODES = ("whole", "slide", "slide_truncated", "center")
+
+
 def protocol_of(eval_cfg) -> dict:
     """The parts of the eval config that define the numbers, recorded next to every result."""
-    proto = {"mode": eval_cfg.mode}
-    if eval_cfg.mode == "slide":
-        proto.update(crop=list(eval_cfg.crop), stride=list(eval_cfg.stride))
+    proto = {"mode": eval_cfg["mode"]}
+    if proto["mode"] != "whole":
+        proto["crop"] = list(eval_cfg["crop"])
+    if proto["mode"].startswith("slide"):
+        proto["stride"] = list(eval_cfg["stride"])
     return proto
+
+
+def center_crop(batch: dict, crop) -> dict:
+    """The central crop [h, w] of a val batch's images, labels and hardness masks (U2PL's per-epoch validation)."""
+    h, w = batch["label"].shape[-2:]
+    ch, cw = min(crop[0], h), min(crop[1], w)
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return {**batch, **{k: batch[k][..., y0:y0 + ch, x0:x0 + cw] for k in ("img", "label")},
+            "hard": batch["hard"][..., y0:y0 + ch, x0:x0 + cw] if batch["hard"].numel() else batch["hard"]}
 
 
 def _stack_by_shape(items: list[dict]) -> list[dict]:
@@ -77,10 +91,12 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
     scores, targets, panel = [], [], None
     for items in loader:
         for batch in _stack_by_shape(items):
+            if eval_cfg.mode == "center":
+                batch = center_crop(batch, eval_cfg.crop)
             img = normalize_batch(batch["img"].to(device), data_cfg.mean, data_cfg.std)
             label = batch["label"].to(device)
-            logits = model.predict(img, mode=eval_cfg.mode, crop=eval_cfg.crop, stride=eval_cfg.stride,
-                                   window_batch=eval_cfg.window_batch)
+            logits = model.predict(img, mode="whole" if eval_cfg.mode == "center" else eval_cfg.mode,
+                                   crop=eval_cfg.crop, stride=eval_cfg.stride, window_batch=eval_cfg.window_batch)
             logits = resize(logits.float(), label.shape[-2:], model.align_corners)
             pred = logits.argmax(1)
             cm.update(pred, label)

@@ -1,6 +1,7 @@
 """The iteration-based train loop shared by every method: data, accumulation, schedule, eval, checkpoints."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -15,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 from tqdm import tqdm
 
-from ..data import build_datasets, normalize_batch
+from ..data import build_datasets, normalize_batch, split_record
 from ..data.files import check_mapped_labels
 from ..data.sampling import stream_loader
 from ..methods import build_method
@@ -83,6 +84,7 @@ class Trainer:
             allow_tf32(cfg.train.tf32)
 
         datasets = build_datasets(cfg.data, cfg.seed)
+        self.split = split_record(cfg.data)  # the labeled / unlabeled partition of semi-supervised data
         self.val_set = datasets["val"]
         self.classes = list(datasets["train"].classes)
         self.palette = getattr(datasets["train"], "palette", None)
@@ -106,11 +108,12 @@ class Trainer:
         self.tracker = Tracker(
             run_dir, cfg, logger=cfg.logger.name, project=cfg.logger.project, entity=cfg.logger.entity,
             group=meta["suite"],
-            job_type=cfg.setting, tags=meta["tags"] + self.method.tags(), name=meta["name"],
+            job_type=cfg.setting, name=meta["name"],
+            tags=meta["tags"] + self.method.tags() + ([f"split:{self.split['source']}"] if self.split else []),
             class_names=self.classes, palette=self.palette, rank=info.rank,
             resumed_from=self.start_it if rng is not None else None,
             env_extra={"world_size": info.world_size, "seed": int(cfg.seed), "batch_plan": self.plan.as_dict(),
-                       "precision": self.precision, **self.method.describe()})
+                       "precision": self.precision, "split": self.split, **self.method.describe()})
         if rng is not None:
             ckpt.set_rng_state(rng)
 
@@ -212,7 +215,7 @@ class Trainer:
                 window = _Window()
             t_eval = time.perf_counter()
             if done < self.total and _every(cfg.train.eval_interval, done):
-                self._update_best(done, self.evaluate(done))
+                self._update_best(done, self.evaluate(done, eval_cfg=self._periodic_protocol(done)))
             elif done < self.total and cfg.hl.enabled and _every(cfg.train.hl_map_interval, done):
                 self._hl_snapshot(done)
             # The logged `time` is the training step alone; evaluations report their own eval_time.
@@ -226,20 +229,34 @@ class Trainer:
         bar.close()
         return self._finish(time.perf_counter() - train_start)
 
-    def evaluate(self, it: int, dataset=None, score_hl: bool = True) -> dict:
-        """The recipe's protocol on `dataset` (default: val) with the method's eval weights, logged as a val line
-        plus the HL-map panel. Evaluation is fp32 whatever the training precision."""
+    def _periodic_protocol(self, it: int):
+        """The eval config of a periodic evaluation: eval.during before its `until`, the final protocol after."""
+        during = self.cfg.eval.during
+        if during is None or it >= float(during.get("until", 1.0)) * self.total:
+            return self.cfg.eval
+        return OmegaConf.merge(self.cfg.eval, {k: v for k, v in _plain(during).items() if k != "until"})
+
+    def evaluate(self, it: int, dataset=None, score_hl: bool = True, eval_cfg=None, module=None,
+                 log: bool = True) -> dict:
+        """A protocol (default: the recipe's) on `dataset` (default: val) with the method's eval weights (or
+        `module`), logged (with `log`) as a val line plus the HL-map panel. Evaluation is fp32 whatever the training
+        precision."""
         t0 = time.perf_counter()
-        module, which = self.method.eval_model(self.model)
-        eval_cfg = self.cfg.eval if score_hl else OmegaConf.create({**_plain(self.cfg.eval), "hl_auroc": False})
+        which = None
+        if module is None:
+            module, which = self.method.eval_model(self.model)
+        eval_cfg = eval_cfg if eval_cfg is not None else self.cfg.eval
+        if not score_hl:
+            eval_cfg = OmegaConf.merge(eval_cfg, {"hl_auroc": False})
         result = evaluate(module, dataset or self.val_set, eval_cfg, self.cfg.data, self.device, self.classes,
                           num_panel=self.cfg.eval.num_hl_maps, hl_offset=self.cfg.hl.offset)
-        result["weights"] = which
-        if dataset is None:
+        result["weights"], result["protocol"] = which, protocol_of(eval_cfg)
+        if log and dataset is None:
             self.tracker.log("val", it, {**result["metrics"], **result["hl_auroc_kinds"],
-                                         "eval_time": time.perf_counter() - t0})
+                                         "eval_time": time.perf_counter() - t0, "protocol": result["protocol"]["mode"]})
             self.tracker.log_class_iou(it, {c: result["metrics"][f"IoU.{c}"] for c in self.classes})
-        self._log_panel(it, result["panel"])
+        if log:
+            self._log_panel(it, result["panel"])
         return result
 
     def _hl_snapshot(self, it: int) -> None:
@@ -269,27 +286,46 @@ class Trainer:
         barrier()
 
     def _update_best(self, it: int, result: dict) -> None:
-        """Keep the best evaluation so far and the weights that produced it (checkpoints/best.pth)."""
+        """Keep the best evaluation so far and the weights that produced it (checkpoints/best.pth).
+
+        Like the references, the selection compares scores across protocols (eval.during) unless
+        eval.select_from=final_protocol."""
         metrics = result["metrics"]
+        if self.cfg.eval.select_from == "final_protocol" and result["protocol"] != self.protocol:
+            return
         if self.best is not None and not metrics["mIoU"] > self.best["mIoU"]:
             return
         module, which = self.method.eval_model(self.model)
         if self.info.is_main:
             ckpt.atomic_save({"model": module.state_dict(), "iter": it, "weights": which},
                              self.ckpt_dir / "best.pth")
-        self.best = _summary_entry(it, metrics, self.protocol, f"checkpoints/best.pth (iter {it})", which,
+        self.best = _summary_entry(it, metrics, result["protocol"], f"checkpoints/best.pth (iter {it})", which,
                                    self.classes)
+
+    def _rescore_best(self) -> None:
+        """Score the selected weights with the final protocol where another protocol selected them (U2PL's
+        eval.py on ckpt_best.pth); the summary keeps both numbers."""
+        selected_by = {k: v for k, v in (self.best or {}).get("protocol", {}).items() if k not in ("weights", "model")}
+        if self.best is None or selected_by == self.protocol:
+            return
+        module = copy.deepcopy(self.method.eval_model(self.model)[0])
+        module.load_state_dict(ckpt.load_state(self.ckpt_dir / "best.pth")["model"])
+        result = self.evaluate(self.best["iter"], dataset=self.val_set, module=module, log=False)
+        self.best["rescored"] = _summary_entry(self.best["iter"], result["metrics"], self.protocol,
+                                               self.best["protocol"]["weights"], self.best["protocol"]["model"],
+                                               self.classes)
 
     def _finish(self, train_time: float) -> dict:
         """The recipe's protocol on the final weights (the mmseg tables report this LAST value, results.md §1)."""
         cfg, total = self.cfg, self.total
         final = self.evaluate(total)
         self._update_best(total, final)
+        self._rescore_best()
         report_classes = list(cfg.data.get("report_classes") or [])
         summary = {
             "experiment": self.meta["experiment"], "suite": self.meta["suite"], "seed": int(cfg.seed),
             "iters": total, "setting": cfg.setting, "method": cfg.method.name, "hl": bool(cfg.hl.enabled),
-            "model": cfg.model.name, "data": cfg.data.name, "pretrained": pretrained_name(cfg),
+            "model": cfg.model.name, "data": cfg.data.name, "split": self.split, "pretrained": pretrained_name(cfg),
             "precision": self.precision,
             "train_time_s": round(train_time, 2), "resumed_from": self.start_it or None,
             "s_per_iter": float(np.median(self.step_times)) if self.step_times else None,

@@ -5,16 +5,18 @@ import inspect
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from hlbench.models.heads import (ASPPHead, CascadeHead, DepthwiseSeparableASPPHead, FCNHead, OCRHead, PSPHead,
-                                  UPerHead)
+from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, DepthwiseSeparableASPPHead, FCNHead, OCRHead,
+                                  PSPHead, UPerHead)
 from hlbench.models.pretrained import load_pretrained
-from hlbench.models.resnet import ResNetV1c, TorchvisionResNet
+from hlbench.models.resnet import ResNetV1c, ResNetV1s, TorchvisionResNet
 from hlbench.models.segmentor import CascadeSegmentor, Segmentor
 from hlbench.weights import resolve_pretrained
 
-BACKBONES = {"resnet_v1c": ResNetV1c, "torchvision_resnet": TorchvisionResNet}
-HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead, "uper": UPerHead,
-         "ocr": OCRHead}
+BACKBONES = {"resnet_v1c": ResNetV1c, "resnet_v1s": ResNetV1s, "torchvision_resnet": TorchvisionResNet}
+HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead,
+         "aspp_plus": ASPPPlusHead, "uper": UPerHead, "ocr": OCRHead}
+# Heads with a low-level skip; build_model derives its input width from c1_in_index.
+C1_HEADS = (DepthwiseSeparableASPPHead, ASPPPlusHead)
 # Heads that refine a previous stage's logits; their config holds that stage under `stage0` (OCRNet: an FCN head).
 CASCADE_HEADS = (OCRHead,)
 
@@ -50,7 +52,7 @@ def _build_head(cfg, stage_channels, num_classes, align_corners, section="head")
     in_index = options.get("in_index", -1)
     in_channels = [stage_channels[i] for i in in_index] if isinstance(in_index, list) else stage_channels[in_index]
     derived = {"in_channels": in_channels, "num_classes": num_classes, "align_corners": align_corners}
-    if cls is DepthwiseSeparableASPPHead:
+    if cls in C1_HEADS:
         derived["c1_in_channels"] = stage_channels[options.get("c1_in_index", 0)]
     return _construct(cls, section, options, **derived)
 
@@ -83,8 +85,8 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_
         raise ValueError(f"model.head.stage0 is required exactly for the cascade head types "
                          f"{sorted(k for k, v in HEADS.items() if v in CASCADE_HEADS)}")
 
-    def decode(n_out):
-        head = _build_head(head_cfg, channels, n_out, align_corners)
+    def decode(n_out, cfg=head_cfg):
+        head = _build_head(cfg, channels, n_out, align_corners)
         if not stage0_cfg:
             return head
         # The HL copy keeps stage 0 at num_classes outputs, the soft object regions its stage 1 gathers over
@@ -98,7 +100,9 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_
         aux_cfg = {"type": "fcn", "concat_input": False, **aux_cfg}
         auxiliary_head = _build_head(aux_cfg, channels, num_classes, align_corners, section="aux")
     # As the authors' hl_encoder_decoder.py: the HL branch copies the decode-head config with num_classes=1;
-    # the aux head is not copied. A cascade copies every stage.
-    hl_head = decode(1) if hl else None
+    # the aux head is not copied. A cascade copies every stage. U2PL's representation head is not part of the
+    # segmentation path either, so the copy goes without it (semisup.md §5).
+    hl_cfg = {**head_cfg, "rep_channels": 0} if "rep_channels" in head_cfg else head_cfg
+    hl_head = decode(1, hl_cfg) if hl else None
     segmentor = CascadeSegmentor if stage0_cfg else Segmentor
     return segmentor(backbone, decode_head, auxiliary_head, hl_head, align_corners, detach_hl_features)

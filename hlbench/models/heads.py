@@ -1,4 +1,5 @@
-"""Decode heads (FCN, PSP, ASPP, DeepLabV3+, UPerNet, OCR + cascade) with mmseg's attribute and key names."""
+"""Decode heads (FCN, PSP, ASPP, DeepLabV3+, UPerNet, OCR + cascade) with mmseg's attribute and key names, and the
+plain-conv DeepLabV3+ of U2PL and UniMatch."""
 
 import torch
 import torch.nn as nn
@@ -13,12 +14,12 @@ def resize(x, size, align_corners):
 
 
 class ConvBNReLU(nn.Module):
-    """mmseg ConvModule with BN + ReLU: keys `conv.weight`, `bn.*` (the conv has no bias)."""
+    """mmseg ConvModule with BN + ReLU: keys `conv.weight`, `bn.*`; the conv has a bias only if asked (U2PL's)."""
 
-    def __init__(self, cin, cout, kernel_size=1, dilation=1, groups=1):
+    def __init__(self, cin, cout, kernel_size=1, dilation=1, groups=1, bias=False):
         super().__init__()
         padding = dilation * (kernel_size // 2)
-        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, dilation=dilation, groups=groups, bias=False)
+        self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, dilation=dilation, groups=groups, bias=bias)
         self.bn = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule default
@@ -50,7 +51,7 @@ class DecodeHead(nn.Module):
         super().__init__()
         self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
         self.in_index, self.align_corners = in_index, align_corners
-        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = _dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         # mmseg BaseDecodeHead init: Normal(0, 0.01), bias 0, so an HL head copy starts with D ≈ 0.
         nn.init.normal_(self.conv_seg.weight, 0, 0.01)
@@ -59,15 +60,31 @@ class DecodeHead(nn.Module):
     def classify(self, feat):
         return self.conv_seg(self.dropout(feat))
 
+    def outputs(self, inputs, feature_perturbation=False):
+        """The head's training outputs as a dict: {"out"}; ASPPPlusHead adds U2PL's "rep" and UniMatch's "out_fp"."""
+        if feature_perturbation:
+            raise ValueError(f"{type(self).__name__} has no feature perturbation; UniMatch's needs head type aspp_plus")
+        return {"out": self(inputs)}
+
+
+def _dropout2d(p):
+    return nn.Dropout2d(p) if p > 0 else nn.Identity()
+
 
 class FCNHead(DecodeHead):
-    """FCN head: `num_convs` 3×3 convs (`convs`), optionally concatenated with the input (`conv_cat`)."""
+    """FCN head: `num_convs` 3×3 convs (`convs`), optionally concatenated with the input (`conv_cat`).
 
-    def __init__(self, in_channels, channels, num_classes, num_convs=2, concat_input=True, dilation=1, **kwargs):
+    Args:
+        conv_bias: give the `convs` a bias before their BN, as U2PL's aux head (u2pl/models/decoder.py Aux_Module).
+    """
+
+    def __init__(self, in_channels, channels, num_classes, num_convs=2, concat_input=True, dilation=1, conv_bias=False,
+                 **kwargs):
         super().__init__(in_channels, channels, num_classes, **kwargs)
         if num_convs == 0 and in_channels != channels:
             raise ValueError(f"FCN head with num_convs=0 needs in_channels == channels, got {in_channels}, {channels}")
-        convs = [ConvBNReLU(in_channels if i == 0 else channels, channels, 3, dilation) for i in range(num_convs)]
+        convs = [ConvBNReLU(in_channels if i == 0 else channels, channels, 3, dilation, bias=conv_bias)
+                 for i in range(num_convs)]
         self.convs = nn.Sequential(*convs) if convs else nn.Identity()
         self.concat_input = concat_input
         if concat_input:
@@ -106,20 +123,29 @@ class PSPHead(DecodeHead):
 
 
 class ASPPHead(DecodeHead):
-    """DeepLabV3 head: `image_pool` + one `aspp_modules` branch per dilation (1×1 at dilation 1) + `bottleneck`."""
+    """DeepLabV3 head: `image_pool` + one `aspp_modules` branch per dilation (1×1 at dilation 1) + `bottleneck`.
 
-    def __init__(self, in_channels, channels, num_classes, dilations=(1, 6, 12, 18), **kwargs):
+    Args:
+        bottleneck_kernel: of the conv fusing the branches: mmseg and U2PL 3, UniMatch 1 (its ASPP projection).
+        image_pool_last: concatenate the image-pool branch after the others (UniMatch) instead of first.
+    """
+
+    def __init__(self, in_channels, channels, num_classes, dilations=(1, 6, 12, 18), bottleneck_kernel=3,
+                 image_pool_last=False, **kwargs):
         super().__init__(in_channels, channels, num_classes, **kwargs)
         self.image_pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), ConvBNReLU(in_channels, channels, 1))
         self.aspp_modules = nn.ModuleList(self._branch(in_channels, channels, d) for d in dilations)
-        self.bottleneck = ConvBNReLU((len(dilations) + 1) * channels, channels, 3)
+        self.bottleneck = ConvBNReLU((len(dilations) + 1) * channels, channels, bottleneck_kernel)
+        self.image_pool_last = image_pool_last
 
     def _branch(self, cin, cout, dilation):
         return ConvBNReLU(cin, cout, 1) if dilation == 1 else ConvBNReLU(cin, cout, 3, dilation)
 
     def aspp(self, x):
         pooled = resize(self.image_pool(x), x.shape[2:], self.align_corners)
-        return self.bottleneck(torch.cat([pooled, *(m(x) for m in self.aspp_modules)], dim=1))
+        branches = [m(x) for m in self.aspp_modules]
+        branches = [*branches, pooled] if self.image_pool_last else [pooled, *branches]
+        return self.bottleneck(torch.cat(branches, dim=1))
 
     def forward(self, inputs):
         return self.classify(self.aspp(inputs[self.in_index]))
@@ -146,6 +172,71 @@ class DepthwiseSeparableASPPHead(ASPPHead):
         c1 = self.c1_bottleneck(inputs[self.c1_in_index])
         out = resize(self.aspp(inputs[self.in_index]), c1.shape[2:], self.align_corners)
         return self.classify(self.sep_bottleneck(torch.cat([out, c1], dim=1)))
+
+
+# UniMatch's feature perturbation drops whole channels of the decoder's inputs with this probability.
+FP_DROPOUT = 0.5
+
+
+class ASPPPlusHead(ASPPHead):
+    """DeepLabV3+ with plain convs, as U2PL (u2pl/models/decoder.py dec_deeplabv3_plus, base.py ASPP) and UniMatch
+    (model/semseg/deeplabv3plus.py) write it: ASPP and `bottleneck`, upsampled to the stride-4 skip `c1_bottleneck`,
+    concatenated as [skip, ASPP], two 3×3 `fuse` convs, then `conv_seg`.
+
+    Args:
+        c1_in_channels, c1_channels, c1_in_index: the low-level skip (U2PL 256 -> 256, UniMatch 256 -> 48).
+        conv_bias: the skip and fuse convs have a bias before their BN (U2PL) or none (UniMatch).
+        rep_channels: U2PL's representation head, returned as "rep" in training: the fuse path again on the same
+            concatenation, ending in a 1×1 conv to rep_channels. 0: none.
+        dropout: Dropout2d after the bottleneck, between the two fuse convs and before conv_seg (U2PL 0.1,
+            UniMatch 0).
+        bottleneck_kernel, image_pool_last: see ASPPHead (U2PL 3 / first, UniMatch 1 / last).
+    """
+
+    def __init__(self, in_channels, channels, num_classes, c1_in_channels, c1_channels=48, c1_in_index=0,
+                 conv_bias=False, rep_channels=0, dropout=0.1, **kwargs):
+        super().__init__(in_channels, channels, num_classes, dropout=dropout, **kwargs)
+        self.c1_in_index = c1_in_index
+        self.c1_bottleneck = ConvBNReLU(c1_in_channels, c1_channels, 1, bias=conv_bias)
+        self.fuse = nn.Sequential(*self._fuse_convs(channels + c1_channels, conv_bias, dropout))
+        self.representation = None
+        if rep_channels:
+            self.representation = nn.Sequential(*self._fuse_convs(channels + c1_channels, conv_bias, dropout),
+                                                _dropout2d(dropout), nn.Conv2d(channels, rep_channels, 1))
+
+    def _fuse_convs(self, cin, bias, dropout):
+        """Two 3×3 ConvBNReLUs with Dropout2d between them: keys `0.*` and `2.*`."""
+        return [ConvBNReLU(cin, self.channels, 3, bias=bias), _dropout2d(dropout),
+                ConvBNReLU(self.channels, self.channels, 3, bias=bias)]
+
+    def _fuse_input(self, c1, x):
+        skip = self.c1_bottleneck(c1)
+        aspp = resize(self.dropout(self.aspp(x)), skip.shape[2:], self.align_corners)
+        return torch.cat([skip, aspp], dim=1)
+
+    def forward(self, inputs):
+        return self.classify(self.fuse(self._fuse_input(inputs[self.c1_in_index], inputs[self.in_index])))
+
+    def outputs(self, inputs, feature_perturbation=False):
+        """{"out"}, "rep" in training if the head has one, and with feature_perturbation "out_fp".
+
+        Feature perturbation is UniMatch's: the decoder runs on cat(f, Dropout2d(0.5)(f)) for both of its inputs
+        (skip and ASPP), in one pass, so that in training BN normalises over the clean and the perturbed half.
+        "out" is the clean half, "out_fp" the perturbed one. The dropout is applied in eval mode too: asking for
+        it is the perturbation.
+        """
+        c1, x = inputs[self.c1_in_index], inputs[self.in_index]
+        if feature_perturbation:
+            c1 = torch.cat([c1, F.dropout2d(c1, FP_DROPOUT, training=True)])
+            x = torch.cat([x, F.dropout2d(x, FP_DROPOUT, training=True)])
+        feats = self._fuse_input(c1, x)
+        out = {"out": self.classify(self.fuse(feats))}
+        if self.representation is not None and self.training:
+            out["rep"] = self.representation(feats)
+        if not feature_perturbation:
+            return out
+        clean = {k: v.chunk(2)[0] for k, v in out.items()}
+        return {**clean, "out_fp": out["out"].chunk(2)[1]}
 
 
 class UPerHead(DecodeHead):

@@ -1,4 +1,5 @@
-"""ResNet backbones returning the four stage outputs: mmseg's deep-stem ResNetV1c and a torchvision wrapper."""
+"""ResNet backbones returning the four stage outputs: mmseg's deep-stem ResNetV1c, the ResNetV1s of U2PL and
+UniMatch, and a torchvision wrapper."""
 
 import torch.nn as nn
 import torchvision
@@ -87,10 +88,12 @@ class ResNetV1c(nn.Module):
         stem_channels: widths of the three stem convs; mmseg (32, 32, 64), U2PL/UniMatch (64, 64, 128).
         multi_grid: per-block dilation multipliers of layer4 (see `stage_dilations`), or None.
         width_mult: scales every width (minimum 8), e.g. 0.25 for CPU smoke runs.
+        maxpool_ceil_mode: the stem max-pool rounds up (U2PL); this changes the size after it for even inputs.
+        zero_init_residual: start the last BN of each block at 0 (mmseg, U2PL; UniMatch does not).
     """
 
     def __init__(self, depth=50, stem_channels=(32, 32, 64), output_stride=8, contract_dilation=True,
-                 multi_grid=None, width_mult=1.0):
+                 multi_grid=None, width_mult=1.0, maxpool_ceil_mode=False, zero_init_residual=True):
         super().__init__()
         if depth not in ARCHS:
             raise ValueError(f"resnet_v1c depth must be one of {sorted(ARCHS)}, got {depth}")
@@ -103,12 +106,8 @@ class ResNetV1c(nn.Module):
             return max(8, int(round(c * width_mult)))
 
         s1, s2, s3 = (width(c) for c in stem_channels)
-        # Sequential indices 0/1, 3/4, 6/7 are mmseg's stem.{conv,bn} keys (ReLUs at 2, 5, 8).
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, s1, 3, 2, 1, bias=False), nn.BatchNorm2d(s1), nn.ReLU(inplace=True),
-            _conv3x3(s1, s2), nn.BatchNorm2d(s2), nn.ReLU(inplace=True),
-            _conv3x3(s2, s3), nn.BatchNorm2d(s3), nn.ReLU(inplace=True))
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self._make_stem(s1, s2, s3)
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=maxpool_ceil_mode)
         inplanes, self.out_channels = s3, []
         for i in range(4):
             grid = multi_grid if i == 3 else None
@@ -116,24 +115,59 @@ class ResNetV1c(nn.Module):
             layer, inplanes = _make_stage(block, inplanes, width(64 * 2**i), strides[i], block_dilations)
             self.add_module(f"layer{i + 1}", layer)
             self.out_channels.append(inplanes)
-        self._init_weights()
+        self._init_weights(zero_init_residual)
 
-    def _init_weights(self):
+    def _make_stem(self, s1, s2, s3):
+        # Sequential indices 0/1, 3/4, 6/7 are mmseg's stem.{conv,bn} keys (ReLUs at 2, 5, 8).
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, s1, 3, 2, 1, bias=False), nn.BatchNorm2d(s1), nn.ReLU(inplace=True),
+            _conv3x3(s1, s2), nn.BatchNorm2d(s2), nn.ReLU(inplace=True),
+            _conv3x3(s2, s3), nn.BatchNorm2d(s3), nn.ReLU(inplace=True))
+
+    def _stem(self, x):
+        return self.stem(x)
+
+    def _init_weights(self, zero_init_residual):
         # mmseg ResNet defaults: Kaiming convs, unit BN, and zero_init_residual (last BN of each block at 0).
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.modules():
-            if isinstance(m, (BasicBlock, Bottleneck)):
-                nn.init.zeros_(_last_bn(m).weight)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    nn.init.zeros_(_last_bn(m).weight)
 
     def forward(self, x):
-        x = self.maxpool(self.stem(x))
+        x = self.maxpool(self._stem(x))
         outs = []
         for i in range(1, 5):
             x = getattr(self, f"layer{i}")(x)
             outs.append(x)
         return tuple(outs)
+
+
+class ResNetV1s(ResNetV1c):
+    """The ResNet of U2PL and UniMatch (u2pl/models/resnet.py, UniMatch model/backbone/resnet.py), GluonCV's "V1s":
+    ResNetV1c with a 64-64-128 stem, under their state-dict keys so that their ImageNet resnet101.pth loads as is.
+
+    Their stem keeps the three convs and the first two BNs in a Sequential `conv1` (convs at 0, 3, 6, BNs at 1, 4)
+    and the last BN outside it as `bn1`; the stages are named as ours. Their OS8 multi-grid, layer4 dilations
+    4/8/16, is `output_stride=8, multi_grid=(1, 2, 4)` here.
+    """
+
+    def __init__(self, depth=101, stem_channels=(64, 64, 128), **kwargs):
+        super().__init__(depth, stem_channels, **kwargs)
+
+    def _make_stem(self, s1, s2, s3):
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(3, s1, 3, 2, 1, bias=False), nn.BatchNorm2d(s1), nn.ReLU(inplace=True),
+            _conv3x3(s1, s2), nn.BatchNorm2d(s2), nn.ReLU(inplace=True),
+            _conv3x3(s2, s3))
+        self.bn1 = nn.BatchNorm2d(s3)
+        self.relu = nn.ReLU(inplace=True)
+
+    def _stem(self, x):
+        return self.relu(self.bn1(self.conv1(x)))
 
 
 def _make_stage(block, inplanes, planes, stride, dilations):

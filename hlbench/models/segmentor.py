@@ -13,6 +13,11 @@ def window_starts(size, crop, stride):
     return [max(min(i * stride + crop, size) - crop, 0) for i in range(num)]
 
 
+# whole: one pass; slide: mmseg's / U2PL's windows shifted inside the image, logits averaged; slide_truncated:
+# UniMatch's windows cut at the border, probabilities summed.
+PREDICT_MODES = ("whole", "slide", "slide_truncated")
+
+
 def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -33,10 +38,17 @@ class Segmentor(nn.Module):
         self.align_corners, self.detach_hl_features = align_corners, detach_hl_features
         self.num_classes = decode_head.num_classes
 
-    def forward(self, img):
-        """Logits at decoder resolution: {"out"} in eval mode; plus "aux" and "hl" (raw D) when training."""
+    def forward(self, img, feature_perturbation=False):
+        """Logits at decoder resolution: {"out"} in eval mode; plus "aux" and "hl" (raw D) when training, and the
+        decode head's own extras (U2PL's "rep", see DecodeHead.outputs).
+
+        Args:
+            feature_perturbation: also return "out_fp", the decode head's logits on Dropout2d(0.5)-perturbed
+                features, computed in the same pass as "out" (UniMatch's FP; head type aspp_plus). The HL head still
+                sees the clean features.
+        """
         feats = self.backbone(img)
-        out = self._decode_outputs(feats)
+        out = self._decode_outputs(feats, feature_perturbation)
         if not self.training:
             return out
         if self.auxiliary_head is not None:
@@ -46,8 +58,8 @@ class Segmentor(nn.Module):
             out["hl"] = self.hl_head(hl_feats)
         return out
 
-    def _decode_outputs(self, feats):
-        return {"out": self.decode_head(feats)}
+    def _decode_outputs(self, feats, feature_perturbation):
+        return self.decode_head.outputs(feats, feature_perturbation)
 
     def _decode(self, img):
         """mmseg encode_decode: decode-head logits resized to the input size."""
@@ -63,11 +75,27 @@ class Segmentor(nn.Module):
         """
         if mode == "whole":
             return self._decode(img)
-        if mode != "slide":
-            raise ValueError(f"predict mode must be 'whole' or 'slide', got {mode!r}")
+        if mode not in PREDICT_MODES:
+            raise ValueError(f"predict mode must be one of {', '.join(PREDICT_MODES)}, got {mode!r}")
         if crop is None or stride is None:
-            raise ValueError("slide inference needs crop=(h, w) and stride=(h, w)")
+            raise ValueError(f"{mode} inference needs crop=(h, w) and stride=(h, w)")
+        if mode == "slide_truncated":
+            return self._slide_truncated(img, _pair(crop), _pair(stride))
         return self._slide(img, _pair(crop), _pair(stride), window_batch)
+
+    def _slide_truncated(self, img, crop, stride):
+        """UniMatch's sliding window: windows start at 0 every `stride` and are cut at the border (not shifted
+        inside), their softmax probabilities are summed; returns the log of the mean probability."""
+        n, _, h, w = img.shape
+        (ch, cw), (sh, sw) = crop, stride
+        prob = img.new_zeros(n, self.num_classes, h, w)
+        count = img.new_zeros(1, 1, h, w)
+        for y0 in range(0, h, sh):
+            for x0 in range(0, w, sw):
+                window = img[:, :, y0:y0 + ch, x0:x0 + cw]
+                prob[:, :, y0:y0 + ch, x0:x0 + cw] += self._decode(window).softmax(1)
+                count[:, :, y0:y0 + ch, x0:x0 + cw] += 1
+        return (prob / count).clamp_min(1e-12).log()
 
     def _slide(self, img, crop, stride, window_batch):
         n, _, h, w = img.shape
@@ -103,6 +131,8 @@ class CascadeSegmentor(Segmentor):
     num_classes outputs and feeds the one-output stage-1 copy, so calling hl_head yields D directly.
     """
 
-    def _decode_outputs(self, feats):
+    def _decode_outputs(self, feats, feature_perturbation):
+        if feature_perturbation:
+            raise ValueError("the OCRNet cascade has no feature perturbation; UniMatch's needs head type aspp_plus")
         stage0, out = self.decode_head.stages(feats)
         return {"out": out, "out0": stage0}
