@@ -9,8 +9,9 @@ import pandas as pd
 from analysis.runs import SUMMARY_FILE
 from hlbench.tracking.run_folder import read_json
 
-# A baseline and an HL run are comparable when only the HL switch differs between them.
-PAIR_KEYS = ["suite", "model.name", "data.name", "seed"]
+# A baseline and an HL run are comparable when only the HL switch differs between them (so a U2PL + HL run never
+# pairs with a UniMatch baseline, nor a 1/8 run with a 1/4 one).
+PAIR_KEYS = ["suite", "method.name", "model.name", "data.name", "data.split", "seed"]
 DELTA_COLUMNS = ["class", "base IoU", "HL IoU", "Δ"]
 
 

@@ -10,7 +10,7 @@ from hlbench.tracking.run_folder import (CONFIG_FILE, METRICS_FILE, current_metr
 
 SUMMARY_FILE = "summary.json"
 # config keys stored as their own columns so tables group by axis instead of parsing run names
-CONFIG_AXES = ("experiment", "suite", "seed", "model.name", "hl.enabled", "data.name")
+CONFIG_AXES = ("experiment", "suite", "seed", "method.name", "model.name", "hl.enabled", "data.name", "data.split")
 
 
 def find_run_dirs(root) -> list[Path]:

@@ -45,3 +45,40 @@ def comparison_table(summaries: list[dict], title: str = "") -> str:
         out.append(f"thin/small classes: {', '.join(classes)}; metrics are final-iteration values (x100), "
                    "mean ± std (n) over seeds")
     return "\n".join(out)
+
+
+def reference_rule_miou(summary: dict) -> float | None:
+    """The number a reference reports: its selected weights scored with the final protocol where another protocol
+    selected them (U2PL's eval.py on ckpt_best), else the selected evaluation itself (UniMatch's best)."""
+    best = summary.get("best") or {}
+    return (best.get("rescored") or best).get("mIoU")
+
+
+def methods_by_split_table(summaries: list[dict], title: str = "") -> str:
+    """The semi-supervised table as the paper lays it out: rows = methods, columns = splits (the cards' row and
+    column), each cell ours (mean ± std (n) over seeds) beside the paper's; once by the references' selection
+    rule and once at the last iteration."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for s in summaries:
+        card = s.get("paper") or {}
+        cells.setdefault((card.get("row", s["experiment"]), card.get("column", "")), []).append(s)
+    rows = list(dict.fromkeys(r for r, _ in cells))
+    cols = list(dict.fromkeys(c for _, c in cells))
+    out = [title] if title else []
+    for label, value in (("reference selection rule", reference_rule_miou),
+                         ("last iteration", lambda s: s["final"]["mIoU"])):
+        lines = [["method"] + [f"{c} ours (paper)" for c in cols]]
+        for r in rows:
+            line = [r]
+            for c in cols:
+                runs = cells.get((r, c))
+                if not runs:
+                    line.append("")
+                    continue
+                line.append(f"{_mean_std([value(x) for x in runs], 100)} ({_card(runs[0].get('paper') or {}, 'value', 1)})")
+            lines.append(line)
+        widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        out += [f"mIoU x100, {label}:", fmt.format(*lines[0]), fmt.format(*("-" * w for w in widths))]
+        out += [fmt.format(*line) for line in lines[1:]]
+    return "\n".join(out)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config_checks import check_config
 from .errors import ConfigError
 from .paths import experiments_dir
-from .report import comparison_table
+from .report import comparison_table, methods_by_split_table
 from .weights import pretrained_name, require_pretrained
 
 log = logging.getLogger("hlbench")
@@ -86,10 +86,12 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
     experiment = choices.get("experiment")
     if experiment is not None:
         plan = [(experiment, cfg)]
-        suite_name, table = None, experiment
+        suite_name, table, layout = None, experiment, None
     else:
         suite = load_suite(cfg.suite)
-        suite_name, table = cfg.suite, suite.get("table", cfg.suite)
+        suite_name, table, layout = cfg.suite, suite.get("table", cfg.suite), suite.get("layout")
+        if layout not in (None, "methods_by_split"):
+            raise ConfigError(f"{suite_file(cfg.suite)}: layout={layout!r}; expected methods_by_split or none")
         # Each suite member is composed as if the user had typed experiment=<member> plus their overrides.
         keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("suite", "experiment")]
         plan = [(name, compose("config", overrides=keep + [f"experiment={name}"])) for name in suite.experiments]
@@ -110,6 +112,8 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
         summaries.append(run_experiment(c, name, suite_name, profile))
     if int(os.environ.get("RANK", "0")) == 0:
         print(comparison_table(summaries, title=table))
+        if layout == "methods_by_split":
+            print(methods_by_split_table(summaries, title=f"{table}, as the paper lays it out"))
         print("outputs:", *sorted({str(Path(s['run_dir']).parent) for s in summaries}), sep="\n  ")
     return summaries
 

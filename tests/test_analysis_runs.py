@@ -10,8 +10,8 @@ from analysis import aggregate, format_mean_std, format_table, load_runs, read_m
 
 def _write_run(run_dir, *, hl: bool, seed: int, miou: float, suite="supervised"):
     run_dir.mkdir(parents=True)
-    config = {"suite": suite, "seed": seed, "model": {"name": "pspnet"}, "hl": {"enabled": hl},
-              "data": {"name": "synthetic"}}
+    config = {"suite": suite, "seed": seed, "method": {"name": "supervised"}, "model": {"name": "pspnet"},
+              "hl": {"enabled": hl}, "data": {"name": "synthetic"}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     final = {"iter": 100, "mIoU": miou, "mAcc": 0.8, "aAcc": 0.9, "IoU": {"road": 0.9, "traffic light": 0.1},
              "protocol": {"mode": "whole"}}
@@ -34,8 +34,8 @@ def runs_root(tmp_path):
 def test_load_runs_flattens_summary_and_config_axes(runs_root):
     df = load_runs(runs_root)
     assert len(df) == 3
-    assert list(df.columns[:7]) == ["run_dir", "experiment", "suite", "seed", "model.name", "hl.enabled",
-                                    "data.name"]
+    assert list(df.columns[:9]) == ["run_dir", "experiment", "suite", "seed", "method.name", "model.name",
+                                    "hl.enabled", "data.name", "data.split"]
     row = df[df["hl.enabled"]].iloc[0]
     assert row["final.mIoU"] == 0.70 and row["best.mIoU"] == pytest.approx(0.71)
     assert row["final.IoU.traffic light"] == 0.1 and row["hl_auroc"] == 0.7

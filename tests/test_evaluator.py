@@ -1,5 +1,6 @@
 """Evaluation does only what the data can score: the HL branch runs for the AUROC only where the data set has a
 hardness mask, and otherwise for the HL-map panel's images alone."""
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -58,3 +59,51 @@ def test_no_panel_means_no_hl_forward_on_unscorable_data():
     model, seen = _counted_model()
     evaluate(model, Images(with_mask=False), EVAL, DATA, torch.device("cpu"), Images.classes, num_panel=0)
     assert seen == []
+
+
+class _WindowModel(torch.nn.Module):
+    """A segmentor whose logits tell full windows (p = 0.6 for class 0) from cut ones (p = 1 for class 1)."""
+
+    num_classes, align_corners = 2, False
+
+    def _decode(self, img):
+        full = img.shape[-1] == 3
+        p0 = 0.6 if full else 1e-6
+        logits = torch.tensor([p0, 1 - p0]).log().view(1, 2, 1, 1)
+        return logits.expand(img.shape[0], 2, *img.shape[-2:])
+
+
+def test_both_sliding_windows_on_a_hand_made_case():
+    from hlbench.models.segmentor import Segmentor
+
+    model = _WindowModel()
+    img = torch.zeros(1, 3, 1, 5)
+    # UniMatch: windows [0:3], [2:5] and the cut [4:5]; pixel 4 sums (0.6, 0.4) + (0, 1) -> class 1.
+    truncated = Segmentor._slide_truncated(model, img, (1, 3), (1, 2)).argmax(1)
+    assert truncated[0, 0].tolist() == [0, 0, 0, 0, 1]
+    # mmseg / U2PL: windows shifted inside ([0:3], [2:5], [2:5]), so every window is full.
+    shifted = Segmentor._slide(model, img, (1, 3), (1, 2), window_batch=4).argmax(1)
+    assert shifted[0, 0].tolist() == [0, 0, 0, 0, 0]
+
+
+class _ConstantModel(torch.nn.Module):
+    """Predicts class 1 everywhere."""
+
+    num_classes, align_corners, hl_head = 3, False, None
+
+    def predict(self, img, **kw):
+        out = torch.zeros(img.shape[0], 3, *img.shape[-2:])
+        out[:, 1] = 1
+        return out
+
+
+def test_center_protocol_scores_the_central_crop_only():
+    data = Images(with_mask=False)
+    for item in data.items:
+        item["label"][:] = 2
+        item["label"][14:18, 13:19] = 1  # the central 4 x 6 of 32 x 32
+    center = OmegaConf.merge(EVAL, {"mode": "center", "crop": [4, 6]})
+    scored = evaluate(_ConstantModel(), data, center, DATA, torch.device("cpu"), Images.classes)
+    assert scored["metrics"]["IoU.b"] == 1.0 and scored["metrics"]["aAcc"] == 1.0
+    whole = evaluate(_ConstantModel(), data, EVAL, DATA, torch.device("cpu"), Images.classes)
+    assert whole["metrics"]["aAcc"] == pytest.approx(24 / 1024)

@@ -17,3 +17,25 @@ def test_table_groups_seeds_and_shows_paper_card():
     b = next(l for l in lines if l.startswith("b "))
     assert "51.00 ± 1.41 (2)" in a and "–" in a
     assert "60.00" in b and "0.750" in b and "80.65" in b and "0.916" in b and " yes " in b
+
+
+def test_methods_by_split_table_is_shaped_like_the_paper():
+    from hlbench.report import methods_by_split_table
+
+    def run(row, col, seed, best, last, rescored=None, value=70.0):
+        s = _summary(f"{row}-{col}", seed, last, paper={"row": row, "column": col, "value": value})
+        s["best"] = {"mIoU": best, **({"rescored": {"mIoU": rescored}} if rescored is not None else {})}
+        return s
+
+    rows = [run("U2PL", "1/16", 0, 0.60, 0.58, rescored=0.70), run("U2PL", "1/16", 1, 0.61, 0.59, rescored=0.72),
+            run("U2PL", "1/8", 0, 0.75, 0.74), run("UniMatch", "1/16", 0, 0.76, 0.75, value=75.7),
+            run("UniMatch", "1/2", 0, 0.80, 0.79, value=None)]
+    text = methods_by_split_table(rows, title="S").splitlines()
+    rule = text[text.index("mIoU x100, reference selection rule:") + 1:text.index("mIoU x100, last iteration:")]
+    assert rule[0].split() == ["method", "1/16", "ours", "(paper)", "1/8", "ours", "(paper)", "1/2", "ours", "(paper)"]
+    u2pl = next(line for line in rule if line.startswith("U2PL"))
+    assert "71.00 ± 1.41 (2) (70.0)" in u2pl and "75.00 (70.0)" in u2pl  # re-scored best where there is one
+    unimatch = next(line for line in rule if line.startswith("UniMatch"))
+    assert "76.00 (75.7)" in unimatch and "80.00 (–)" in unimatch
+    last = text[text.index("mIoU x100, last iteration:"):]
+    assert "58.50 ± 0.71 (2) (70.0)" in next(line for line in last if line.startswith("U2PL"))

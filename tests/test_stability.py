@@ -94,8 +94,8 @@ def test_pair_runs_by_seed_and_class_delta_summary(tmp_path):
         run_dir = tmp_path / f"{exp}{seed}"
         run_dir.mkdir()
         (run_dir / "summary.json").write_text(json.dumps(_summary({"pole": pole, "road": 0.9}, hl)))
-        rows.append({"run_dir": str(run_dir), "experiment": exp, "suite": "s", "seed": seed, "model.name": "m",
-                     "hl.enabled": hl, "data.name": "d"})
+        rows.append({"run_dir": str(run_dir), "experiment": exp, "suite": "s", "seed": seed, "method.name": "supervised",
+                     "model.name": "m", "hl.enabled": hl, "data.name": "d", "data.split": None})
     pairs = pair_runs(pd.DataFrame(rows))
     assert pairs["seed"].tolist() == [0, 1]  # seed 2 has no baseline
     assert pairs["run_dir_hl"].iloc[0].endswith("h0") and pairs["run_dir_base"].iloc[1].endswith("b1")
@@ -104,3 +104,17 @@ def test_pair_runs_by_seed_and_class_delta_summary(tmp_path):
     assert table.loc["pole", "mean Δ"] == pytest.approx(0.0) and table.loc["pole", "improved"] == "1/2"
     assert table.loc["road", "mean base IoU"] == pytest.approx(90.0)
     assert pair_class_delta(pair_runs(pd.DataFrame())).empty
+
+
+def test_pairs_never_cross_methods_or_splits():
+    row = {"suite": "semisup", "seed": 0, "model.name": "m", "data.name": "cityscapes_semisup"}
+    rows = [{**row, "experiment": "unimatch_1_8", "method.name": "unimatch", "hl.enabled": False,
+             "data.split": "unimatch/1_8", "run_dir": "a"},
+            {**row, "experiment": "u2pl_hl_1_8", "method.name": "u2pl", "hl.enabled": True,
+             "data.split": "u2pl/1_8", "run_dir": "b"},
+            {**row, "experiment": "u2pl_1_4", "method.name": "u2pl", "hl.enabled": False,
+             "data.split": "u2pl/1_4", "run_dir": "c"},
+            {**row, "experiment": "u2pl_1_8", "method.name": "u2pl", "hl.enabled": False,
+             "data.split": "u2pl/1_8", "run_dir": "d"}]
+    pairs = pair_runs(pd.DataFrame(rows))
+    assert pairs[["experiment_base", "experiment_hl"]].values.tolist() == [["u2pl_1_8", "u2pl_hl_1_8"]]

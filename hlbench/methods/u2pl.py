@@ -157,8 +157,9 @@ class U2PL(Method):
     def setup(self, model, plan) -> None:
         self.loss = LabelledLoss(self.cfg, plan.per_device["labeled"])
         self.align_corners = model.align_corners
-        gpus = int(self.cfg.train.reference.gpus)
-        per_gpu_u = int(self.cfg.method.unlabeled_batch) // gpus
+        # Each reference GPU holds unlabeled images in the proportion of the two global batches.
+        per_gpu_u = int(self.cfg.train.reference.per_gpu) * int(self.cfg.method.unlabeled_batch) \
+            // int(self.cfg.train.batch_size)
         self.group_l = self.loss.group or plan.per_device["labeled"]
         self.group_u = reference_group(plan.per_device["unlabeled"], per_gpu_u) or plan.per_device["unlabeled"]
         if plan.per_device["labeled"] // self.group_l != plan.per_device["unlabeled"] // self.group_u:
