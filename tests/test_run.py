@@ -198,3 +198,30 @@ def test_every_suite_dry_runs_with_profile_smoke(hydra_ctx, tmp_path, suite):
     summaries = run(cfg, choices, overrides)
     assert len(summaries) == len(OmegaConf.load(REPO / "experiments/suites" / f"{suite}.yaml").experiments)
     assert all(s["data"] == "synthetic" and s["iters"] == 8 for s in summaries)
+
+
+def test_best_weights_selected_by_another_protocol_are_rescored(hydra_ctx, tmp_path, monkeypatch):
+    # U2PL's rule: a centre crop selects best.pth during training, the final protocol scores it at the end.
+    import hlbench.engine.trainer as trainer
+
+    real = trainer.evaluate
+
+    def centre_wins(model, dataset, eval_cfg, *args, **kwargs):
+        result = real(model, dataset, eval_cfg, *args, **kwargs)
+        result["metrics"]["mIoU"] = 0.9 if eval_cfg.mode == "center" else result["metrics"]["mIoU"]
+        return result
+
+    monkeypatch.setattr(trainer, "evaluate", centre_wins)
+    over = TINY + ["experiment=smoke/hl", "train.iters=4", "train.eval_interval=2",
+                   "eval.during={mode: center, crop: [32, 32], until: 1.0}"]
+    summary = run_experiment(compose_run(over, tmp_path / "a")[0], "smoke/hl", None, "smoke")
+    best, final = summary["best"], summary["final"]
+    assert best["iter"] == 2 and best["protocol"]["mode"] == "center" and best["mIoU"] == 0.9
+    assert best["rescored"]["protocol"]["mode"] == "whole" and best["rescored"]["mIoU"] < 0.9
+    assert final["iter"] == 4 and final["protocol"]["mode"] == "whole"
+    modes = [x.get("protocol") for x in _lines(summary["run_dir"]) if x["mode"] == "val"]
+    assert modes == ["center", "whole"]  # iteration 2 by the centre crop, the final evaluation by the protocol
+    # Only final-protocol evaluations may select when asked: then nothing needs re-scoring.
+    strict = run_experiment(compose_run(over + ["eval.select_from=final_protocol"], tmp_path / "b")[0], "smoke/hl",
+                            None, "smoke")
+    assert strict["best"]["iter"] == 4 and "rescored" not in strict["best"]
