@@ -153,3 +153,26 @@ def test_one_valid_class_gives_no_contrastive_loss():
     m.queues = MemoryQueues([5, 5, 5], dim=2)
     rep = torch.ones(1, requires_grad=True)
     assert m._group_loss(_terms([1], [torch.ones(1, 2)] * 3), rep).item() == 0
+
+
+@pytest.mark.slow
+def test_a_stopped_and_resumed_u2pl_run_equals_an_uninterrupted_one(hydra_ctx, tmp_path):
+    from hlbench.run import run_experiment
+    from tests.conftest import TINY, compose_run
+
+    over = TINY + ["experiment=semisup/u2pl_hl_1_16", "train.iters=4", "train.ckpt_interval=2",
+                   "method.contrastive.num_queries=16", "method.contrastive.queue_size=64",
+                   "method.contrastive.queue_size_class0=64"]
+    full = run_experiment(compose_run(over, tmp_path / "a")[0], "semisup/u2pl_hl_1_16", None, "smoke")
+    run_experiment(compose_run(over, tmp_path / "b")[0], "semisup/u2pl_hl_1_16", None, "smoke",
+                   hooks={"stop_after": 2})
+    resumed = run_experiment(compose_run(over + ["resume=true"], tmp_path / "b")[0], "semisup/u2pl_hl_1_16", None,
+                             "smoke")
+    a = torch.load(f"{full['run_dir']}/checkpoints/iter_000004.pth", weights_only=False)
+    b = torch.load(f"{resumed['run_dir']}/checkpoints/iter_000004.pth", weights_only=False)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    teacher_a, teacher_b = a["method"]["teacher"], b["method"]["teacher"]
+    assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
+    queues_a, queues_b = a["method"]["queues"]["queues"], b["method"]["queues"]["queues"]
+    assert any(len(q) for q in queues_a) and all(torch.equal(x, y) for x, y in zip(queues_a, queues_b))
+    assert resumed["final"]["IoU"] == full["final"]["IoU"] and resumed["final"]["protocol"]["model"] == "teacher"
