@@ -3,8 +3,9 @@ from .base import Method, Stream
 from .labelled_loss import LabelledLoss
 from .supervised import Supervised
 from .u2pl import U2PL
+from .unimatch import UniMatch
 
-METHODS = {"supervised": Supervised, "u2pl": U2PL}
+METHODS = {"supervised": Supervised, "u2pl": U2PL, "unimatch": UniMatch}
 
 __all__ = ["METHODS", "LabelledLoss", "Method", "Stream", "Supervised", "U2PL", "build_method"]
 

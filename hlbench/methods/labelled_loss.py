@@ -42,6 +42,12 @@ def reference_group(per_device: int, reference_per_gpu: int) -> int | None:
     return reference_per_gpu if per_device % reference_per_gpu == 0 else None
 
 
+def unlabeled_per_gpu(cfg) -> int:
+    """Unlabeled images per reference GPU: the references draw them in the proportion of the two global batches
+    (U2PL 2 + 2, UniMatch 1 + 1 per GPU), so a shrunk run (profile=smoke) keeps the pairing."""
+    return max(1, int(cfg.train.reference.per_gpu) * int(cfg.method.unlabeled_batch) // int(cfg.train.batch_size))
+
+
 class LabelledLoss:
     """(total, logs) for a model output dict and labels. Keys, as mmseg's:
 

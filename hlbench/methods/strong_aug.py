@@ -40,8 +40,8 @@ def strong_view(img: torch.Tensor, mean, std, *, jitter_p=0.8, gray_p=0.2, blur_
     """UniMatch's strong colour view of a normalised N×3×H×W batch, each image with its own draws:
     ColorJitter(0.5, 0.5, 0.5, 0.25) with p 0.8, grayscale with p 0.2, Gaussian blur sigma ~ U(0.1, 2) with p 0.5.
 
-    Padded pixels (exactly 0 after normalisation) stay 0, as UniMatch's strong views keep the weak crop's padding
-    masked out by its ignore mask anyway.
+    Padded pixels go through the same colour ops, as UniMatch's PIL crop padding does (its black border is jittered
+    and blurred with the image); the unsupervised losses leave them out through the ignore mask.
     """
     m = torch.as_tensor(mean, dtype=img.dtype, device=img.device).view(1, 3, 1, 1) / 255
     s = torch.as_tensor(std, dtype=img.dtype, device=img.device).view(1, 3, 1, 1) / 255
@@ -63,7 +63,8 @@ def unimatch_box(h: int, w: int, p: float = 0.5, area=(0.02, 0.4), ratio=(0.3, 1
     """UniMatch's CutMix box as a bool H×W mask (True inside), empty with probability 1 - p.
 
     Area ~ U(0.02, 0.4) of the crop, aspect ratio ~ U(0.3, 1/0.3), w = floor(sqrt(area / r)), h = floor(sqrt(area r));
-    ratio and corner are re-drawn until the box fits, as in the reference.
+    ratio and corner (x0 in [0, W), y0 in [0, H), numpy's randint) are re-drawn until the box fits, as in the
+    reference (dataset/transform.py obtain_cutmix_box).
     """
     mask = torch.zeros(h, w, dtype=torch.bool, device=device)
     if float(torch.rand(())) > p:
@@ -72,7 +73,7 @@ def unimatch_box(h: int, w: int, p: float = 0.5, area=(0.02, 0.4), ratio=(0.3, 1
     while True:
         r = _uniform(*ratio)
         bw, bh = int(math.sqrt(size / r)), int(math.sqrt(size * r))
-        x0, y0 = int(torch.randint(0, w + 1, ())), int(torch.randint(0, h + 1, ()))
+        x0, y0 = int(torch.randint(0, w, ())), int(torch.randint(0, h, ()))
         if x0 + bw <= w and y0 + bh <= h:
             break
     mask[y0:y0 + bh, x0:x0 + bw] = True

@@ -26,7 +26,7 @@ from ..hardness import hardness_loss
 from ..labels import IGNORE_INDEX
 from ..models.heads import resize
 from .base import Method, Stream
-from .labelled_loss import LabelledLoss, reference_group
+from .labelled_loss import LabelledLoss, reference_group, unlabeled_per_gpu
 from .strong_aug import half_area_box
 
 # behaviour -> flag values. The reference column produced the published numbers.
@@ -157,9 +157,7 @@ class U2PL(Method):
     def setup(self, model, plan) -> None:
         self.loss = LabelledLoss(self.cfg, plan.per_device["labeled"])
         self.align_corners = model.align_corners
-        # Each reference GPU holds unlabeled images in the proportion of the two global batches.
-        per_gpu_u = int(self.cfg.train.reference.per_gpu) * int(self.cfg.method.unlabeled_batch) \
-            // int(self.cfg.train.batch_size)
+        per_gpu_u = unlabeled_per_gpu(self.cfg)
         self.group_l = self.loss.group or plan.per_device["labeled"]
         self.group_u = reference_group(plan.per_device["unlabeled"], per_gpu_u) or plan.per_device["unlabeled"]
         if plan.per_device["labeled"] // self.group_l != plan.per_device["unlabeled"] // self.group_u:
