@@ -59,6 +59,16 @@ def pixel_focal_loss(logits: torch.Tensor, label: torch.Tensor, ignore_index: in
     return (1 - torch.exp(-ce)) ** gamma * ce  # p_t = exp(-ce); ignored pixels have ce = 0
 
 
+def _true_class_prob(logits: torch.Tensor, label: torch.Tensor, ignore_index: int, group: int | None):
+    """(valid mask, softmax probability of the true class, images per group) for the OHEM samplers."""
+    n = label.shape[0]
+    group = group or n
+    if n % group:
+        raise ValueError(f"OHEM groups of {group} images need a batch divisible by {group}, got {n} images")
+    valid = label != ignore_index
+    return valid, logits.float().softmax(1).gather(1, label.where(valid, 0).unsqueeze(1)).squeeze(1), group
+
+
 @torch.no_grad()
 def ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX, thresh: float = 0.7,
                    min_kept: int = 100000, group: int | None = None) -> torch.Tensor:
@@ -69,12 +79,8 @@ def ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index: int 
     mmseg scales min_kept by the images of one GPU's batch. `group` emulates that scope: the threshold is
     computed per group of `group` images (None: one threshold for the whole batch).
     """
+    valid, true_prob, group = _true_class_prob(logits, label, ignore_index, group)
     n = label.shape[0]
-    group = group or n
-    if n % group:
-        raise ValueError(f"OHEM groups of {group} images need a batch divisible by {group}, got {n} images")
-    valid = label != ignore_index
-    true_prob = logits.float().softmax(1).gather(1, label.where(valid, 0).unsqueeze(1)).squeeze(1)
     keep = torch.zeros_like(valid)
     for start in range(0, n, group):
         part = slice(start, start + group)
@@ -95,12 +101,8 @@ def prob_ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index:
     Unlike mmseg's sampler: with fewer than `min_kept` valid pixels every valid pixel is kept; otherwise the
     threshold is max(thresh, the min_kept-th smallest true-class probability) and pixels at or below it are kept.
     """
+    valid, true_prob, group = _true_class_prob(logits, label, ignore_index, group)
     n = label.shape[0]
-    group = group or n
-    if n % group:
-        raise ValueError(f"OHEM groups of {group} images need a batch divisible by {group}, got {n} images")
-    valid = label != ignore_index
-    true_prob = logits.float().softmax(1).gather(1, label.where(valid, 0).unsqueeze(1)).squeeze(1)
     keep = valid.clone()
     for start in range(0, n, group):
         part = slice(start, start + group)

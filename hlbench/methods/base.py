@@ -87,3 +87,21 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         if state:
             raise ValueError(f"method {self.name!r} has no state, but the checkpoint holds {sorted(state)}")
+
+
+def resolve_behaviour_flags(method_cfg, behaviours: dict, choices: dict, method: str) -> dict:
+    """method.behaviour's flag values (behaviours[behaviour]) with the non-null method.flags overrides applied;
+    a ValueError naming the key for an unknown behaviour, flag or value (choices: flag -> allowed values)."""
+    behaviour = method_cfg.behaviour
+    if behaviour not in behaviours:
+        raise ValueError(f"method.behaviour={behaviour!r} is not valid; expected one of {', '.join(behaviours)}")
+    flags = dict(behaviours[behaviour])
+    for key, value in (method_cfg.flags or {}).items():
+        if key not in flags:
+            raise ValueError(f"method.flags.{key} is not a {method} flag; expected one of {', '.join(flags)}")
+        if value is not None:
+            if key in choices and value not in choices[key]:
+                raise ValueError(f"method.flags.{key}={value!r} is not valid; expected one of "
+                                 f"{', '.join(choices[key])}")
+            flags[key] = value
+    return flags

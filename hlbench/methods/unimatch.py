@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..hardness import hardness_loss
 from ..models.heads import resize
-from .base import Method, Stream
+from .base import Method, Stream, resolve_behaviour_flags
 from .labelled_loss import LabelledLoss, reference_group, unlabeled_per_gpu
 from .strong_aug import strong_view, unimatch_box
 
@@ -42,19 +42,7 @@ UNSUP_STREAMS = ("s1", "s2", "fp")
 
 def resolve_flags(method_cfg) -> dict:
     """The behaviour's flags with the user's non-null overrides applied; ValueError naming a bad value."""
-    behaviour = method_cfg.behaviour
-    if behaviour not in BEHAVIOURS:
-        raise ValueError(f"method.behaviour={behaviour!r} is not valid; expected one of {', '.join(BEHAVIOURS)}")
-    flags = dict(BEHAVIOURS[behaviour])
-    for key, value in (method_cfg.flags or {}).items():
-        if key not in flags:
-            raise ValueError(f"method.flags.{key} is not a UniMatch flag; expected one of {', '.join(flags)}")
-        if value is not None:
-            if value not in FLAG_CHOICES[key]:
-                raise ValueError(f"method.flags.{key}={value!r} is not valid; expected one of "
-                                 f"{', '.join(FLAG_CHOICES[key])}")
-            flags[key] = value
-    return flags
+    return resolve_behaviour_flags(method_cfg, BEHAVIOURS, FLAG_CHOICES, "UniMatch")
 
 
 def paste_in_box(box: torch.Tensor, inside: torch.Tensor, outside: torch.Tensor) -> torch.Tensor:
