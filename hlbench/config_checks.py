@@ -29,7 +29,7 @@ CHOICES = {
     "train.norm": ("bn", "syncbn"),
     "train.precision": PRECISIONS,
     "eval.mode": EVAL_MODES,
-    "eval.select_from": ("all", "final_protocol"),
+    "eval.select_from": (None, "all", "final_protocol"),
     "device": ("auto", "cpu", "cuda"),
     "logger.name": ("wandb", "none"),
 }

@@ -321,3 +321,13 @@ def test_tiny_run_resumes_exactly(hydra_ctx, tmp_path, seen):
     b = torch.load(Path(resumed["run_dir"]) / "checkpoints/iter_000004.pth", weights_only=False)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert resumed["final"]["IoU"] == full["final"]["IoU"]
+
+
+def test_eval_selection_flag_decides_which_evaluations_select_unless_eval_select_from_is_set():
+    from hlbench.methods.unimatch import UniMatch
+
+    method = UniMatch.__new__(UniMatch)
+    method.flags = resolve_flags(OmegaConf.create({"behaviour": "reference", "flags": {"eval_selection": None}}))
+    assert method.select_from() == "all"  # the original code's best across centre crop and sliding window
+    method.flags = resolve_flags(OmegaConf.create({"behaviour": "paper", "flags": {"eval_selection": None}}))
+    assert method.select_from() == "final_protocol"

@@ -289,9 +289,10 @@ class Trainer:
         """Keep the best evaluation so far and the weights that produced it (checkpoints/best.pth).
 
         Like the references, the selection compares scores across protocols (eval.during) unless
-        eval.select_from=final_protocol."""
+        eval.select_from (or, when null, the method) says final_protocol."""
         metrics = result["metrics"]
-        if self.cfg.eval.select_from == "final_protocol" and result["protocol"] != self.protocol:
+        select_from = self.cfg.eval.select_from or self.method.select_from()
+        if select_from == "final_protocol" and result["protocol"] != self.protocol:
             return
         if self.best is not None and not metrics["mIoU"] > self.best["mIoU"]:
             return

@@ -73,6 +73,10 @@ class Method:
                 groups.setdefault(mult, []).append(param)
         return [{"params": params, "lr_mult": mult} for mult, params in groups.items()]
 
+    def select_from(self) -> str:
+        """Which periodic evaluations may select best.pth when eval.select_from is null: all | final_protocol."""
+        return "all"
+
     def describe(self) -> dict:
         """Facts for the start-up log, env.json and the summary (e.g. the HL normaliser in force)."""
         return {"method": self.name}

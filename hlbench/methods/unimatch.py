@@ -111,10 +111,6 @@ class UniMatch(Method):
         if cfg.loss.name != "prob_ohem":
             log.warning("UniMatch's labelled loss is OHEM (loss.name=prob_ohem, 0.7 / 100000); this run uses "
                         "loss.name=%s", cfg.loss.name)
-        select_from = cfg.eval.get("select_from")
-        if select_from is not None and select_from != SELECT_FROM[self.flags["eval_selection"]]:
-            log.warning("method.flags.eval_selection=%s selects with eval.select_from=%s, but eval.select_from=%s",
-                        self.flags["eval_selection"], SELECT_FROM[self.flags["eval_selection"]], select_from)
 
     def step(self, model, batches, it):
         x, y = batches["labeled"]["img"], batches["labeled"]["label"]
@@ -181,6 +177,9 @@ class UniMatch(Method):
             logs["weight_loss"] = l_h
             return total, l_h, logs
         return total - l_h, l_h, logs
+
+    def select_from(self) -> str:
+        return SELECT_FROM[self.flags["eval_selection"]]
 
     def grouping(self) -> str:
         """The labelled loss's per-GPU scope, and the unlabeled losses' denominators."""
