@@ -1,5 +1,4 @@
 """Engine pieces: global-batch plan, lr schedule, resumable sampler, checkpoints, run-folder naming."""
-from pathlib import Path
 
 import pytest
 import torch

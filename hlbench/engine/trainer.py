@@ -309,9 +309,10 @@ class Trainer:
         selected_by = {k: v for k, v in (self.best or {}).get("protocol", {}).items() if k not in ("weights", "model")}
         if self.best is None or selected_by == self.protocol:
             return
+        barrier()  # rank 0 wrote best.pth; every rank scores its shard of the val set with those weights
         module = copy.deepcopy(self.method.eval_model(self.model)[0])
         module.load_state_dict(ckpt.load_state(self.ckpt_dir / "best.pth")["model"])
-        result = self.evaluate(self.best["iter"], dataset=self.val_set, module=module, log=False)
+        result = self.evaluate(self.best["iter"], module=module, log=False)
         self.best["rescored"] = _summary_entry(self.best["iter"], result["metrics"], self.protocol,
                                                self.best["protocol"]["weights"], self.best["protocol"]["model"],
                                                self.classes)
