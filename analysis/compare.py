@@ -55,6 +55,11 @@ def pair_class_delta(pairs: pd.DataFrame, entry: str = "final") -> pd.DataFrame:
     """Per class over all pairs (results.md §11 layout): mean base IoU, mean Δ, median Δ, improved "k/n"."""
     deltas = [per_class_delta(read_json(Path(b) / SUMMARY_FILE), read_json(Path(h) / SUMMARY_FILE), entry)
               for b, h in zip(pairs["run_dir_base"], pairs["run_dir_hl"])]
+    return summarise_class_deltas(deltas)
+
+
+def summarise_class_deltas(deltas: list[pd.DataFrame]) -> pd.DataFrame:
+    """per_class_delta() tables of several pairs -> per class: mean base IoU, mean Δ, median Δ, improved "k/n"."""
     if not deltas:
         return pd.DataFrame(columns=["class", "mean base IoU", "mean Δ", "median Δ", "improved"])
     by_class = pd.concat(deltas).groupby("class", sort=False)

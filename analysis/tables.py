@@ -1,7 +1,14 @@
-"""Group runs over seeds: mean / std / n, "mean ± std (n)" strings and a plain-text table."""
+"""Group runs over seeds: mean / std / n, "mean ± std (n)" strings and a plain-text table.
+
+Also the command line that rebuilds the HL authors' paper tables from their logs (analysis.paper_tables):
+    python -m analysis.tables <logs dir> --out DIR
+"""
 from __future__ import annotations
 
+import argparse
 import math
+import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -52,3 +59,25 @@ def format_table(df: pd.DataFrame, digits: int = 2) -> str:
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.tables",
+        description="Rebuild every table of a folder laid out like the HL authors' logs/ (sub-folders whose "
+                    "README.md table cells link to log files) from the logs, with Δ, mean Δ and a check column.")
+    parser.add_argument("logs", type=Path, help="the logs folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the CSV and Markdown tables")
+    args = parser.parse_args(argv)
+    from analysis.paper_tables import write_paper_tables  # it imports format_table from here
+    from hlbench.errors import ConfigError
+    try:
+        print(write_paper_tables(args.logs, args.out))
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"analysis.tables: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
