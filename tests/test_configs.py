@@ -81,7 +81,7 @@ def test_hl_variant_tag(hydra_ctx):
     assert variant(["experiment=smoke/baseline"]) == "off"
 
 
-CPU_STUDIES = ("smoke/", "semisup_synthetic/")  # the CPU studies' own layouts, not a paper recipe's
+CPU_STUDIES = ("smoke/", "semisup_synthetic/", "hl_study/")  # the CPU studies' own layouts, not a paper recipe's
 
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENT_NAMES if not n.startswith(CPU_STUDIES)])

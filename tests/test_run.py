@@ -196,7 +196,10 @@ def test_evaluation_cadence_does_not_change_training(hydra_ctx, tmp_path):
 def test_every_suite_dry_runs_with_profile_smoke(hydra_ctx, tmp_path, suite):
     cfg, choices, overrides = compose_run([f"suite={suite}", "profile=smoke", "logger=none"], tmp_path)
     summaries = run(cfg, choices, overrides)
-    assert len(summaries) == len(OmegaConf.load(REPO / "experiments/suites" / f"{suite}.yaml").experiments)
+    listed = OmegaConf.load(REPO / "experiments/suites" / f"{suite}.yaml").experiments
+    # A study with seeds [0, 1, 2] runs each experiment once per seed; none is skipped or run twice.
+    assert {s["experiment"] for s in summaries} == set(listed)
+    assert len({(s["experiment"], s["seed"]) for s in summaries}) == len(summaries)
     assert all(s["data"] == "synthetic" and s["iters"] == 8 for s in summaries)
 
 
