@@ -24,7 +24,7 @@ run: $(STAMP)
 	$(BIN)/python -m hlbench.run $(ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/python -m pytest -q $(ARGS)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q -n auto $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

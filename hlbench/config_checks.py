@@ -36,6 +36,7 @@ CHOICES = {
 POSITIVE_INTS = ("train.iters", "train.batch_size", "train.max_batch_per_device", "eval.batch_size",
                  "eval.window_batch", "train.log_interval", "train.reference.gpus", "train.reference.per_gpu")
 NON_NEGATIVE = ("hl.lam", "hl.offset", "train.num_workers", "train.eval_interval", "train.ckpt_interval",
+                "train.keep_checkpoints", "train.skip_nonfinite",
                 "train.hl_map_interval", "optim.lr")
 
 
@@ -78,3 +79,7 @@ def check_config(cfg) -> None:
         raise ConfigError(f"hl.image_reduce=sum is for hl.scope=image|group, got hl.scope={cfg.hl.scope}")
     if cfg.hl.offset == 0:
         raise ConfigError("hl.offset=0 is not valid; expected > 0 (the offset bounds the weight ratio)")
+    channels = cfg.hl.head_channels
+    if channels is not None and (not isinstance(channels, int) or isinstance(channels, bool) or channels < 1):
+        raise ConfigError(f"hl.head_channels={channels!r} is not valid; expected null (the decode head's) or an "
+                          f"integer >= 1")

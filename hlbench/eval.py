@@ -70,7 +70,7 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     # Every tensor comes from the checkpoint, so the ImageNet file the recipe names is not needed.
     model_cfg = OmegaConf.merge(cfg.model, {"backbone": {"pretrained": "none"}})
     model = build_model(model_cfg, num_classes=len(classes), hl=cfg.hl.enabled,
-                        detach_hl_features=cfg.hl.detach_features)
+                        detach_hl_features=cfg.hl.detach_features, hl_head_channels=cfg.hl.head_channels)
     report = load_checkpoint(model, checkpoint)
     # Only the branches inference never runs may be absent (a baseline checkpoint in an HL config, say).
     needed = [k for k in report["missing"] if not k.startswith(("hl_head.", "auxiliary_head."))]

@@ -69,25 +69,34 @@ def _true_class_prob(logits: torch.Tensor, label: torch.Tensor, ignore_index: in
     return valid, logits.float().softmax(1).gather(1, label.where(valid, 0).unsqueeze(1)).squeeze(1), group
 
 
+def _kth_smallest_valid(values: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest (1-based) of values[valid], or the largest valid value when fewer are valid, as a
+    0-dim tensor (-inf when none is); without reading the count on the host, so the step never waits on the GPU.
+    """
+    values, valid = values.flatten(), valid.flatten()
+    largest = torch.where(valid, values, -torch.inf).amax()
+    if k > values.numel():
+        return largest
+    kth = torch.where(valid, values, torch.inf).kthvalue(k).values  # invalid pixels sort last
+    return torch.where(valid.sum() >= k, kth, largest)
+
+
 @torch.no_grad()
 def ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX, thresh: float = 0.7,
                    min_kept: int = 100000, group: int | None = None) -> torch.Tensor:
     """Bool (N, H, W) of the valid pixels mmseg's OHEMPixelSampler keeps (logits at label size).
 
     A pixel is kept when its softmax probability of the true class is below max(thresh, p_k), p_k being the
-    k-th smallest such probability with k = min(min_kept * n, #valid - 1) over the n images the sampler sees:
-    mmseg scales min_kept by the images of one GPU's batch. `group` emulates that scope: the threshold is
-    computed per group of `group` images (None: one threshold for the whole batch).
+    k-th smallest such probability with k = min(min_kept * n, #valid - 1) (0-based) over the n images the
+    sampler sees: mmseg scales min_kept by the images of one GPU's batch. `group` emulates that scope: the
+    threshold is computed per group of `group` images (None: one threshold for the whole batch).
     """
     valid, true_prob, group = _true_class_prob(logits, label, ignore_index, group)
     n = label.shape[0]
     keep = torch.zeros_like(valid)
     for start in range(0, n, group):
         part = slice(start, start + group)
-        probs = true_prob[part][valid[part]].sort().values
-        if probs.numel() == 0:
-            continue
-        kth = probs[min(min_kept * group, probs.numel() - 1)]
+        kth = _kth_smallest_valid(true_prob[part], valid[part], min_kept * group + 1)
         keep[part] = valid[part] & (true_prob[part] < torch.clamp(kth, min=thresh))
     return keep
 
@@ -104,13 +113,15 @@ def prob_ohem_keep_mask(logits: torch.Tensor, label: torch.Tensor, ignore_index:
     valid, true_prob, group = _true_class_prob(logits, label, ignore_index, group)
     n = label.shape[0]
     keep = valid.clone()
+    if min_kept <= 0:
+        return keep
     for start in range(0, n, group):
         part = slice(start, start + group)
-        probs = true_prob[part][valid[part]]
-        if probs.numel() < min_kept or min_kept <= 0:
-            continue
-        kth = probs.kthvalue(min_kept).values
-        keep[part] &= true_prob[part] <= torch.clamp(kth, min=thresh)
+        if true_prob[part].numel() < min_kept:
+            continue  # fewer pixels than min_kept: every valid pixel stays
+        kth = _kth_smallest_valid(true_prob[part], valid[part], min_kept)
+        few = valid[part].sum() < min_kept
+        keep[part] &= few | (true_prob[part] <= torch.clamp(kth, min=thresh))
     return keep
 
 

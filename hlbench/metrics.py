@@ -10,32 +10,52 @@ from hlbench.labels import IGNORE_INDEX
 
 
 class ConfusionMatrix:
-    """Accumulates a num_classes x num_classes confusion matrix (rows = ground truth), DDP-aware."""
+    """Accumulates a num_classes x num_classes confusion matrix (rows = ground truth), DDP-aware.
+
+    update() never waits for the device: labels outside 0..num_classes-1 (other than ignore_index) are counted
+    on the device and reported by compute(); the data sets' label check at start-up catches them earlier.
+    """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX, device=None):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
-        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+        # One extra bin takes the ignored pixels, so no pixel has to be removed by a data-dependent index.
+        self._counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.int64, device=device)
+        self.mat = self._counts[:-1].view(num_classes, num_classes)
+        self._bad = torch.zeros(2, dtype=torch.int64, device=device)  # [count, largest bad value]
 
     def update(self, pred: torch.Tensor, label: torch.Tensor) -> None:
-        valid = label != self.ignore_index
-        if ((label[valid] < 0) | (label[valid] >= self.num_classes)).any():
-            bad = label[valid & ((label < 0) | (label >= self.num_classes))][0].item()
-            raise ValueError(f"label value {bad} outside 0..{self.num_classes - 1} (and not ignore "
-                             f"{self.ignore_index}): are the labels mapped to train ids?")
         k = self.num_classes
-        idx = label[valid].to(torch.int64) * k + pred[valid].to(torch.int64)
-        self.mat += torch.bincount(idx, minlength=k * k).view(k, k).to(self.mat.device)
+        label = label.to(self._counts.device, torch.int64)
+        pred = pred.to(self._counts.device, torch.int64)
+        valid = label != self.ignore_index
+        bad = valid & ((label < 0) | (label >= k))
+        self._bad[0] += bad.sum()
+        self._bad[1] = torch.maximum(self._bad[1], torch.where(bad, label, torch.iinfo(torch.int64).min).amax())
+        idx = torch.where(valid & ~bad, label * k + pred, k * k).flatten()
+        self._counts.index_add_(0, idx, torch.ones((), dtype=torch.int64, device=idx.device).expand(idx.numel()))
 
     def all_reduce(self) -> None:
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.mat)
+            dist.all_reduce(self._counts)
+            count, value = self._bad.clone(), self._bad[1:].clone()
+            dist.all_reduce(count)
+            dist.all_reduce(value, op=dist.ReduceOp.MAX)
+            self._bad = torch.stack([count[0], value[0]])
+
+    def check_labels(self) -> None:
+        """ValueError naming a label value outside the classes, if any update saw one."""
+        count, value = self._bad.tolist()
+        if count:
+            raise ValueError(f"label value {value} outside 0..{self.num_classes - 1} (and not ignore "
+                             f"{self.ignore_index}) at {count} pixel(s): are the labels mapped to train ids?")
 
     def compute(self, class_names: list[str] | None = None) -> dict:
         """mmseg-style metrics as fractions: aAcc, mIoU, mAcc, IoU.<class>, Acc.<class>.
 
         Classes absent from both ground truth and prediction give NaN IoU and are skipped by mIoU, as in mmseg.
         """
+        self.check_labels()
         mat = self.mat.double().cpu()
         inter = mat.diag()
         gt_area, pred_area = mat.sum(1), mat.sum(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -15,10 +16,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config_checks import check_config
-from .errors import ConfigError
+from .errors import ConfigError, RunStopped
 from .paths import experiments_dir
 from .report import comparison_table, methods_by_split_table
-from .weights import pretrained_name, require_pretrained
+from .tracking.run_folder import claimed_run_folder
+from .weights import require_pretrained
 
 log = logging.getLogger("hlbench")
 
@@ -56,20 +58,20 @@ def run_dir_for(cfg, experiment: str, suite: str | None, profile: str | None, se
 def run_experiment(cfg: DictConfig, experiment: str, suite: str | None, profile: str | None,
                    hooks: dict | None = None) -> dict:
     """Train + evaluate one experiment for cfg.seed; returns its summary (with run_dir)."""
-    from .engine.distributed import init_distributed
+    from .engine.distributed import broadcast_from_main, init_distributed
     from .engine.trainer import train
 
     check_config(cfg)
     require_pretrained(cfg)
     info = init_distributed(cfg.device)
-    run_dir = run_dir_for(cfg, experiment, suite, profile, int(cfg.seed))
-    meta = {"experiment": experiment, "suite": suite, "name": f"{experiment}-s{cfg.seed}",
-            "tags": [cfg.model.name, cfg.data.name, "hl" if cfg.hl.enabled else "baseline", cfg.setting,
-                     f"method:{cfg.method.name}", f"pretrained:{pretrained_name(cfg)}"]
-            + ([f"profile:{profile}"] if profile else [])}
-    if info.is_main:
-        log.info("run folder: %s", run_dir)
-    summary = train(cfg, run_dir, info, meta, hooks=hooks)
+    meta = {"experiment": experiment, "suite": suite, "profile": profile, "name": f"{experiment}-s{cfg.seed}"}
+    # Rank 0 claims the folder (another job starting at the same moment gets another one) and tells the others.
+    claim = claimed_run_folder(lambda: run_dir_for(cfg, experiment, suite, profile, int(cfg.seed)), bool(cfg.resume))
+    with (claim if info.is_main else nullcontext()) as claimed:
+        run_dir = broadcast_from_main(claimed)
+        if info.is_main:
+            log.info("run folder: %s", run_dir)
+        summary = train(cfg, run_dir, info, meta, hooks=hooks)
     summary["run_dir"] = str(run_dir)
     return summary
 
@@ -147,6 +149,13 @@ def hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     try:
         run(cfg, dict(hc.runtime.choices), list(hc.overrides.task), multirun=hc.mode.name == "MULTIRUN")
+    except RunStopped as err:
+        # A fault the run handled (pre-emption, non-finite loss, full disk): one line; its exit status tells a
+        # requeueing launcher whether to resubmit (preemption.REQUEUE_EXIT).
+        if os.environ.get("HLBENCH_TRACEBACK"):
+            raise
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
     except (ConfigError, FileNotFoundError, ValueError) as err:
         # Bad input (config values, files, labels) is reported in one line; HLBENCH_TRACEBACK=1 shows the trace.
         if os.environ.get("HLBENCH_TRACEBACK"):

@@ -1,5 +1,8 @@
 """Shared fixtures: compose real configs through Hydra's compose API, shrunk for CPU tests, W&B off."""
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,23 @@ def compose_run(overrides, out_dir=None):
     with open_dict(full):
         del full["hydra"]
     return full, choices, overrides
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch, tmp_path):
+    wandb = pytest.importorskip("wandb")
+    for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # default: the wandb/ folder lives in the run folder
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    yield wandb
+    wandb.teardown()  # W&B reads settings once per process
+
+
+def offline_records(offline_dir) -> list[dict]:
+    """The records of an offline run's .wandb file, as `wandb leet inspect --json` prints them."""
+    res = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline_dir)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]

@@ -1,7 +1,11 @@
-"""The step benchmark runs the real training step of a model config, baseline and HL, and prints one row per model."""
+"""The benchmark times the real training step of model configs (baseline, HL, light HL), counts their FLOPs, and
+writes JSON + Markdown; --quick --tiny runs the prepared GPU plan's code end to end at toy sizes on a CPU."""
+import json
+
+import pytest
 import torch
 
-from hlbench.bench import TrainStep, main
+from hlbench.bench import Setup, TrainStep, main
 
 
 def test_train_step_updates_the_model_and_hl_branch():
@@ -13,10 +17,45 @@ def test_train_step_updates_the_model_and_hl_branch():
     assert {"backbone", "decode_head", "hl_head"} <= changed
 
 
-def test_bench_prints_baseline_and_hl_per_model(capsys):
-    main(["--models", "pspnet_r18_tiny", "--size", "64", "--steps", "1", "--warmup", "1"])
-    out = capsys.readouterr().out.splitlines()
-    (row,) = [line for line in out if line.startswith("pspnet_r18_tiny")]
-    *times, memory = row.split()[1:]
-    assert len(times) == 3 and all(float(v) > 0 for v in times)
-    assert memory == "–"  # peak memory is a CUDA measurement
+def test_setup_labels_round_trip_and_bad_ones_are_named():
+    setup = Setup.parse("bf16+cl+bm+compile")
+    assert (setup.precision, setup.channels_last, setup.cudnn_benchmark, setup.compile) == ("bf16", True, True, True)
+    assert Setup.parse(setup.label) == setup
+    assert Setup.parse("tf32+bm").inactive(torch.device("cpu")) == ["tf32", "bm"]
+    with pytest.raises(ValueError, match="fp16"):
+        Setup.parse("fp16+cl")
+
+
+def test_bench_writes_baseline_hl_and_light_hl_rows(tmp_path, capsys):
+    result = main(["--models", "pspnet_r18_tiny", "--size", "64", "--steps", "1", "--warmup", "1", "--device", "cpu",
+                   "--light-channels", "4", "--out", str(tmp_path)])
+    rows = {r["name"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert rows.keys() == {"pspnet_r18_tiny", "pspnet_r18_tiny+HL", "pspnet_r18_tiny+HL(HL 4 ch)"}
+    base, hl, light = rows.values()
+    assert all(r["ms_per_step"] > 0 and r["setup"] == "fp32" and r["floor_ms"] is None for r in rows.values())
+    assert base["tflop_per_step"] < light["tflop_per_step"] < hl["tflop_per_step"]
+    assert hl["estimated_gib"] > base["estimated_gib"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "## HL cost" in md and f"| {hl['tflop_per_step'] / base['tflop_per_step']:.3f} |" in md
+    assert result["rows"] == list(rows.values()) and "## Training step" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quick_plan_runs_end_to_end_at_tiny_sizes(tmp_path):
+    main(["--quick", "--tiny", "--device", "cpu", "--models", "pspnet_r101", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "bench.json").read_text())
+    rows = result["rows"]
+    assert result["failed"] == []  # a failing group is recorded and the run goes on
+    assert {r["kind"] for r in rows} == {"train", "components", "eval", "loader"}
+    train = [r for r in rows if r["kind"] == "train"]
+    setups = {r["setup"] for r in train}
+    assert {"tf32", "fp32", "bf16", "bf16+bm", "bf16+cl", "bf16+cl+bm"} <= setups
+    assert any(r["model"] == "peer" for r in train) and any(r["hl_head_channels"] for r in train)
+    # On a CPU the CUDA switches do nothing, and the rows say so; compile is left to the GPU run.
+    assert all(bool(r.get("inactive_switches")) == (r["setup"] != "fp32") for r in train)
+    assert [s for s in result["skipped"] if "compile" in s["group"]] and len(result["skipped"]) == 2
+    parts = {r["name"] for r in rows if r["kind"] == "components"}
+    assert parts == {"backbone", "decode_head", "auxiliary_head", "hl_head", "full step"}
+    (evaluation,) = [r for r in rows if r["kind"] == "eval"]
+    assert evaluation["windows_per_image"] > 1 and evaluation["s_per_image"] > 0
+    assert "## Against the torchvision loop" in (tmp_path / "bench.md").read_text()

@@ -11,7 +11,7 @@ from hlbench.models import build_model
 from hlbench.models.heads import resize
 
 HL = {"enabled": True, "lam": 0.01, "offset": 0.1, "scope": "batch", "group_size": 2, "image_reduce": "mean",
-      "ignore": "keep", "detach_features": True, "weight_aux": False, "lr_mult": 1.0,
+      "ignore": "keep", "detach_features": True, "weight_aux": False, "lr_mult": 1.0, "head_channels": None,
       "semisup": {"apply_to": ["sup"], "ohem": "mask_then_normalise"}}
 
 
@@ -177,6 +177,39 @@ def test_ohem_threshold_per_group_of_images():
     assert grouped[0, 0].tolist() == [True, False, False, False] and grouped[1].all()
     with pytest.raises(ValueError, match="divisible"):
         ohem_keep_mask(logits, label, group=3)
+
+
+def _indexed_ohem(true_prob, valid, thresh, min_kept, prob_rule):
+    """The samplers' definitions written with boolean indexing (which waits on the device), for one group."""
+    probs = true_prob[valid]
+    if prob_rule:  # the semi-supervised references' rule
+        if probs.numel() < min_kept:
+            return valid
+        return valid & (true_prob <= max(thresh, probs.kthvalue(min_kept).values.item()))
+    if probs.numel() == 0:
+        return torch.zeros_like(valid)
+    kth = probs.sort().values[min(min_kept, probs.numel() - 1)]
+    return valid & (true_prob < max(thresh, kth.item()))
+
+
+@pytest.mark.parametrize("ignored", [0.0, 0.5, 0.97, 1.0])
+@pytest.mark.parametrize("min_kept", [1, 10, 40, 500])
+@pytest.mark.parametrize("thresh", [0.0, 0.5])  # 0: the k-th probability alone decides
+def test_sync_free_ohem_samplers_equal_their_indexed_definitions(ignored, min_kept, thresh):
+    g = torch.Generator().manual_seed(min_kept)
+    logits = torch.randn(4, 3, 8, 8, generator=g) * 3
+    label = torch.randint(0, 3, (4, 8, 8), generator=g)
+    label[torch.rand(4, 8, 8, generator=g) < ignored] = 255
+    valid = label != 255
+    true_prob = logits.softmax(1).gather(1, label.where(valid, 0).unsqueeze(1)).squeeze(1)
+    for group in (1, 2, 4):
+        mmseg = ohem_keep_mask(logits, label, thresh=thresh, min_kept=min_kept, group=group)
+        semisup = prob_ohem_keep_mask(logits, label, thresh=thresh, min_kept=min_kept, group=group)
+        for start in range(0, 4, group):
+            part = slice(start, start + group)
+            args = (true_prob[part], valid[part], thresh)
+            assert torch.equal(mmseg[part], _indexed_ohem(*args, min_kept * group, prob_rule=False))
+            assert torch.equal(semisup[part], _indexed_ohem(*args, min_kept, prob_rule=True))
 
 
 def _pspnet_batch():

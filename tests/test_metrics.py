@@ -32,10 +32,24 @@ def test_accumulates_over_updates():
     assert torch.equal(once.mat, split.mat)
 
 
-def test_unmapped_labels_rejected():
+def test_unmapped_labels_rejected_when_the_metrics_are_read():
     cm = ConfusionMatrix(19)
-    with pytest.raises(ValueError, match="label value 26"):
-        cm.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[26, 0], [0, 255]]))
+    cm.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[26, 0], [0, 255]]))  # no host sync here
+    cm.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[1, 0], [20, 255]]))
+    with pytest.raises(ValueError, match="label value 26 .* at 2 pixel"):
+        cm.compute()
+    assert cm.mat.sum() == 4  # the out-of-range pixels are left out of the matrix, ignored ones too
+
+
+def test_matrix_equals_bincount_of_valid_pixels():
+    torch.manual_seed(1)
+    pred, label = torch.randint(0, 5, (3, 9, 7)), torch.randint(0, 5, (3, 9, 7))
+    label[0, :2] = 255
+    cm = ConfusionMatrix(5)
+    cm.update(pred, label)
+    valid = label != 255
+    expected = torch.bincount(label[valid] * 5 + pred[valid], minlength=25).view(5, 5)
+    assert torch.equal(cm.mat, expected)
 
 
 def test_auroc_known_values():

@@ -119,6 +119,7 @@ def test_start_up_line_states_the_per_gpu_grouping(hydra_ctx, tmp_path, caplog):
         summary = run_experiment(compose_run(over, tmp_path)[0], "fullsup/pspnet_r101_hl", None, "smoke")
     # profile=smoke trains 4 images on one device; the recipe's reference is 4 GPUs x 2.
     assert "reference 4 GPU(s) x 2, device batch 4; HL normaliser over 2 image(s)" in caplog.text
+    assert "estimated peak training memory per device" in caplog.text  # printed before the first step
     assert summary["grouping"].startswith("reference 4 GPU(s) x 2") and summary["precision"] == "fp32"
     assert summary["hl_variant"] == "custom"  # global batch 4, not the authors' 8
 

@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from hlbench.tracking import (Tracker, append_jsonl, atomic_write_json, current_metrics, environment_record,
-                              read_jsonl, render_hl_panel)
+                              read_jsonl)
 from hlbench.tracking.tracker import wandb_mode
+from tests.conftest import offline_records
 
 CLASSES = ["road", "car", "pole"]
 PALETTE = [(128, 64, 128), (0, 0, 142), (153, 153, 153)]
@@ -126,35 +127,6 @@ def test_environment_record_never_raises_outside_git(monkeypatch):
     assert env["seed"] == 3 and env["torch"] and env["python"].count(".") == 2
 
 
-def test_hl_panel_shape_dtype_and_colours():
-    images, hl, labels, preds = _batch(n=3, h=8, w=12)
-    panel = render_hl_panel(images, hl, labels, preds, PALETTE, hard=labels == 2, max_images=2)
-    assert panel.dtype == np.uint8
-    assert panel.shape == (2 * 8 + 2, 5 * 12 + 4 * 2, 3)  # 2 rows, 5 tiles, 2-px gaps
-    gt_tile = panel[:8, 14:26]
-    assert (gt_tile[0] == 0).all()  # ignore row drawn black
-    assert tuple(gt_tile[1, 0]) == PALETTE[labels[0, 1, 0]]
-    # HL map: per-image min-max normalisation makes the minimum pixel the colormap's darkest colour
-    hl_tile = panel[:8, 3 * 14:3 * 14 + 12].astype(int)
-    lo, hi = np.unravel_index(hl[0].argmin(), hl[0].shape), np.unravel_index(hl[0].argmax(), hl[0].shape)
-    assert hl_tile[lo].sum() < hl_tile[hi].sum()
-    with pytest.raises(ValueError, match="palette"):
-        render_hl_panel(images, hl, labels + 3 * (labels != 255), preds, PALETTE)
-
-
-def test_hl_panel_resizes_input_sized_image_and_hl_to_label_size():
-    images, hl, labels, preds = _batch(n=1, h=8, w=12)
-    big_img, big_hl = images.repeat(2, 2).repeat(2, 3), hl[:, None].repeat(2, 2).repeat(2, 3)  # N×1×H×W hl
-    panel = render_hl_panel(big_img, big_hl, labels, preds, PALETTE)
-    assert panel.shape == (8, 4 * 12 + 3 * 2, 3)
-
-
-def test_hl_panel_without_hl_branch_or_hardness():
-    images, _, labels, preds = _batch(n=1, h=8, w=12)
-    panel = render_hl_panel(images, None, labels, preds, PALETTE, hard=np.zeros((0,)))
-    assert panel.shape == (8, 3 * 12 + 2 * 2, 3)  # image | ground truth | prediction
-
-
 def test_wandb_mode_from_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_BASE_URL", raising=False)
@@ -165,19 +137,6 @@ def test_wandb_mode_from_environment(monkeypatch, tmp_path):
     assert wandb_mode() == "offline"
     (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password secret\n")
     assert wandb_mode() == "online"
-
-
-@pytest.fixture
-def wandb_offline(monkeypatch, tmp_path):
-    wandb = pytest.importorskip("wandb")
-    for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / "wandb_home" / var.lower()))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.delenv("WANDB_DIR", raising=False)  # default: the wandb/ folder lives in the run folder
-    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
-    yield wandb
-    wandb.teardown()  # W&B reads settings once per process
 
 
 def test_tracker_wandb_offline_and_resume_reuses_run_id(wandb_offline, tmp_path):
@@ -200,13 +159,6 @@ def test_tracker_wandb_offline_and_resume_reuses_run_id(wandb_offline, tmp_path)
     assert tr._run.id == run_id
     tr.finish()
     assert (run / "wandb_id.txt").read_text().strip() == run_id
-
-
-def _offline_records(offline_dir) -> list[dict]:
-    """The records of an offline run's .wandb file, as `wandb leet inspect --json` prints them."""
-    res = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline_dir)],
-                         capture_output=True, text=True, timeout=120, check=True)
-    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
 
 
 # What a training process does with a Tracker, in a process of its own: W&B's console capture hooks the
@@ -239,7 +191,7 @@ def test_wandb_console_is_our_one_line_and_the_offline_run_keeps_everything(wand
     sync_dir = offline.relative_to(tmp_path)  # relative, as W&B keeps the relative dir= it was given
     assert res.stderr == f"W&B offline run; to upload it: wandb sync {sync_dir}\na training log line\n"
 
-    records = _offline_records(offline)
+    records = offline_records(offline)
     (run_record,) = [r["run"] for r in records if r["type"] == "run"]
     assert run_record["entity"] == "hl-team" and run_record["project"] == "hlbench-test"
     assert "pspnet" in json.dumps(run_record["config"])
@@ -260,7 +212,7 @@ def test_online_run_line_is_its_url_and_init_gets_entity_and_silence(wandb_offli
     def fake_init(**kwargs):
         calls.append(kwargs)
         return types.SimpleNamespace(step=0, disabled=False, offline=False, url="https://wandb.ai/hl-team/p/runs/x",
-                                     finish=lambda exit_code: None)
+                                     finish=lambda exit_code: None, define_metric=lambda name, summary: None)
 
     monkeypatch.setattr(wandb_offline, "init", fake_init)
     tr = _tracker(tmp_path / "run", logger="wandb", entity="hl-team")

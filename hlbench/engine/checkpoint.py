@@ -1,6 +1,7 @@
 """Atomic checkpoints in the run folder and the full training state needed for an exact resume."""
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
@@ -9,7 +10,10 @@ import numpy as np
 import torch
 
 from ..atomic_files import atomic_write
+from ..errors import ConfigError
 from ..models.pretrained import read_torch_file
+
+log = logging.getLogger("hlbench")
 
 _ITER_RE = re.compile(r"iter_(\d+)\.pth$")
 
@@ -34,10 +38,59 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _by_iteration(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """The iter_<k>.pth checkpoints of `ckpt_dir`, newest first."""
+    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("iter_*.pth") if (m := _ITER_RE.search(p.name))]
+    return sorted(found, reverse=True)
+
+
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The checkpoint with the highest iteration in `ckpt_dir`, or None."""
-    found = [(int(m.group(1)), p) for p in Path(ckpt_dir).glob("iter_*.pth") if (m := _ITER_RE.search(p.name))]
-    return max(found)[1] if found else None
+    found = _by_iteration(ckpt_dir)
+    return found[0][1] if found else None
+
+
+def latest_valid_state(ckpt_dir: Path, required=("model", "optimizer", "iter", "rng")) -> tuple[Path, dict] | None:
+    """(path, state) of the newest checkpoint that loads and holds the `required` keys, or None when there is none.
+
+    A node that died mid-write or a copy cut short leaves an unreadable newest file; the one before it is used,
+    with a warning naming both. When every checkpoint is unreadable, a ConfigError lists them: starting over
+    would bury the run's history under a fresh one.
+    """
+    bad = []
+    for _, path in _by_iteration(ckpt_dir):
+        try:
+            state = load_state(path)
+            if missing := [k for k in required if k not in state]:
+                raise ValueError(f"{path}: a checkpoint without {missing}")
+        except ValueError as err:
+            bad.append((path, err))
+            continue
+        for unreadable, err in bad:
+            log.warning("checkpoint %s is unreadable (%s); resuming from %s instead", unreadable,
+                        str(err).removeprefix(f"{unreadable}: "), path)
+        return path, state
+    if bad:
+        raise ConfigError(f"resume=true: no readable checkpoint in {ckpt_dir}: "
+                          + "; ".join(str(err) for _, err in bad))
+    return None
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int, newest: Path) -> list[Path]:
+    """Delete all but the `keep` newest iter_<k>.pth up to `newest` (just written, so the newest valid one: always
+    kept); returns the deleted paths. best.pth is another name and never touched; keep=0 keeps everything.
+
+    Files numbered after `newest` are not counted: they are the unreadable ones a resume passed over, and go
+    once the run has passed their iteration.
+    """
+    if keep <= 0:
+        return []
+    last = int(_ITER_RE.search(newest.name).group(1))
+    older = [path for it, path in _by_iteration(ckpt_dir) if it < last]
+    doomed = older[keep - 1:]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
 
 
 def load_state(path: Path, map_location="cpu") -> dict:

@@ -89,3 +89,29 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` (picklable, e.g. the run folder it claimed) on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def host_group():
+    """A process group for small agreements between ranks on the host (gloo), so that they never wait on the GPU
+    stream; None in a single process. Every rank must call it (it creates a group under NCCL)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+
+def any_rank(flag: bool, group) -> bool:
+    """True on every rank when `flag` is true on any (group from host_group(); None: this process alone)."""
+    if group is None:
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())

@@ -75,7 +75,7 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
     mask, for the AUROC) and for the first `num_panel` images (the HL-map panel).
 
     Returns {"metrics": mmseg-style dict, "hl_auroc": float|None, "hl_auroc_kinds": {"hl_auroc.<kind>": ...},
-    "panel": dict of the first images or None}.
+    "panel": dict of the first images or None, "confusion": the summed confusion matrix (CPU)}.
     Under DDP every rank scores its shard; the confusion matrix and AUROC samples are reduced over ranks.
     """
     was_training = model.training
@@ -117,7 +117,8 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
     metrics = cm.compute(class_names)
     auroc = _hardness_aurocs(scores, targets, bits, data_cfg.get("hard_kinds")) if score_hl else {}
     model.train(was_training)
-    return {"metrics": metrics, "hl_auroc": auroc.get("hl_auroc"), "hl_auroc_kinds": auroc, "panel": panel}
+    return {"metrics": metrics, "hl_auroc": auroc.get("hl_auroc"), "hl_auroc_kinds": auroc, "panel": panel,
+            "confusion": cm.mat.cpu()}
 
 
 def _sample_auroc_pixels(hl, hard, label, index, ignore_index, scores, targets) -> None:

@@ -5,6 +5,7 @@ import copy
 import logging
 import math
 import random
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,15 +20,19 @@ from tqdm import tqdm
 from ..data import build_datasets, normalize_batch, split_record
 from ..data.files import check_mapped_labels
 from ..data.sampling import stream_loader
+from ..errors import RunStopped
+from ..memory import estimate_train_memory
 from ..methods import build_method
 from ..models import build_model, load_checkpoint
 from ..tracking import Tracker
+from ..tracking.wandb_layout import run_identity
 from ..weights import pretrained_name
 from . import checkpoint as ckpt
-from .distributed import DistInfo, all_reduce_mean, barrier, plan_batches
-from .evaluator import evaluate, protocol_of
+from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, host_group, plan_batches
+from .evaluator import evaluate, hardness_kinds, protocol_of
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import allow_tf32, autocast
+from .preemption import REQUEUE_EXIT, StopSignals
 
 log = logging.getLogger("hlbench")
 
@@ -58,15 +63,20 @@ def train(cfg, run_dir: Path, info: DistInfo, meta: dict, hooks: dict | None = N
     """Train and evaluate one experiment in `run_dir`; returns the summary written to summary.json.
 
     Args:
-        meta: run identity for tracking: experiment, suite, name, tags.
+        meta: run identity: experiment, suite, profile (None outside profiles) and name (the progress bar's).
         hooks: test seam, e.g. {"stop_after": k} stops (as a killed job would) right after iteration k.
     """
     trainer = Trainer(cfg, Path(run_dir), info, meta)
     try:
-        return trainer.fit(hooks or {})
+        with StopSignals() as stop:
+            return trainer.fit(hooks or {}, stop)
     except BaseException:
         trainer.tracker.finish(exit_code=1)
         raise
+    finally:
+        # Ends the loader workers now, whatever ended the run: they do not act on stop signals (preemption.py), so
+        # left to the interpreter's exit they could outlive it.
+        trainer.loaders.clear()
 
 
 class Trainer:
@@ -90,7 +100,8 @@ class Trainer:
         self.palette = getattr(datasets["train"], "palette", None)
         check_mapped_labels(self.val_set)
         model = build_model(cfg.model, num_classes=len(self.classes), hl=cfg.hl.enabled,
-                            detach_hl_features=cfg.hl.detach_features, weights_dir=cfg.weights_dir)
+                            detach_hl_features=cfg.hl.detach_features, weights_dir=cfg.weights_dir,
+                            hl_head_channels=cfg.hl.head_channels)
         self.model = _convert_norm(model, cfg.train.norm, info).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -104,12 +115,17 @@ class Trainer:
         self.precision = cfg.train.precision
         self.protocol = protocol_of(cfg.eval)
         self.step_times: list[float] = []  # per logging window, for the s/iter reported next to the paper's
+        self.skip_limit = int(cfg.train.skip_nonfinite)
+        self.skipped: list[int] = []  # iterations whose update was skipped for a non-finite loss
+        self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
+        self.host_group = host_group()  # ranks agree on stop requests and skips without a GPU sync
+        self.loaders: dict = {}  # the training streams, once fit() starts them
         self.start_it, self.best, rng = self._restore()
+        self.identity = run_identity(cfg, meta["experiment"], meta["suite"], meta.get("profile"),
+                                     pretrained=pretrained_name(cfg), method_tags=self.method.tags(), split=self.split)
         self.tracker = Tracker(
             run_dir, cfg, logger=cfg.logger.name, project=cfg.logger.project, entity=cfg.logger.entity,
-            group=meta["suite"],
-            job_type=cfg.setting, name=meta["name"],
-            tags=meta["tags"] + self.method.tags() + ([f"split:{self.split['source']}"] if self.split else []),
+            **self.identity,
             class_names=self.classes, palette=self.palette, rank=info.rank,
             resumed_from=self.start_it if rng is not None else None,
             env_extra={"world_size": info.world_size, "seed": int(cfg.seed), "batch_plan": self.plan.as_dict(),
@@ -122,13 +138,19 @@ class Trainer:
         return bool(self.cfg.train.channels_last) and self.device.type == "cuda"
 
     def _restore(self):
-        """resume=true: full state from the newest checkpoint; init_from: weights only. Returns (iter, best, rng)."""
+        """resume=true: full state from the newest readable checkpoint; init_from: weights only. Returns (iter, best,
+        rng).
+
+        The iteration places the lr schedule and every data stream (their samplers restart at that sample); the RNG
+        states are set once tracking has started."""
         cfg = self.cfg
-        if cfg.resume and (latest := ckpt.latest_checkpoint(self.ckpt_dir)) is not None:
-            state = ckpt.load_state(latest)
+        if cfg.resume and (found := ckpt.latest_valid_state(self.ckpt_dir)) is not None:
+            latest, state = found
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state.get("method", {}))
+            self.skipped = list(state.get("skipped_nonfinite", []))
+            self.last_saved = latest
             log.info("resumed from %s (iteration %d)", latest, state["iter"])
             return state["iter"], state.get("best"), state["rng"]
         if cfg.init_from:
@@ -155,6 +177,9 @@ class Trainer:
                             f"{plan.per_device[name]}" for name in plan.per_device)
         log.info("global batch %s x %d accumulation step(s); lr %g; %s; %d iterations (%d done)", batches,
                  plan.accum, cfg.optim.lr, self.precision, self.total, self.start_it)
+        estimate = estimate_train_memory(cfg, len(self.classes), sum(plan.per_device.values()),
+                                         cfg.data.train_pipeline.crop, labeled=next(iter(plan.per_device.values())))
+        log.log(logging.WARNING if estimate.exceeds(self.device) else logging.INFO, estimate.describe(self.device))
         facts = self.method.describe()
         if "grouping" in facts:
             log.info("per-GPU scope: %s; hl_variant %s", facts["grouping"], facts["hl_variant"])
@@ -171,7 +196,9 @@ class Trainer:
         out["img"] = img.contiguous(memory_format=torch.channels_last) if self.channels_last else img
         return out
 
-    def fit(self, hooks: dict) -> dict:
+    def fit(self, hooks: dict, stop: StopSignals) -> dict:
+        """Train from the restored iteration to the end, then evaluate. `stop` holds a SIGTERM / SIGUSR1 received
+        meanwhile: the loop then checkpoints at the end of the step and raises RunStopped(exit_code=REQUEUE_EXIT)."""
         cfg, info, accum = self.cfg, self.info, self.plan.accum
         if info.is_main:
             self._announce()
@@ -179,7 +206,7 @@ class Trainer:
         if info.world_size > 1:
             train_model = DistributedDataParallel(
                 train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        loaders = self._loaders()
+        loaders = self.loaders = self._loaders()
         window = _Window()
         bar = tqdm(total=self.total, initial=self.start_it, disable=not info.is_main, desc=self.meta["name"],
                    dynamic_ncols=True, mininterval=5)
@@ -189,6 +216,7 @@ class Trainer:
             lr = lr_at(it, self.total, cfg.optim)
             set_lr(self.optimizer, lr)
             self.optimizer.zero_grad(set_to_none=True)
+            step_logs = []
             for micro in range(accum):
                 t0 = time.perf_counter()
                 batches = {name: self._to_device(next(loader)) for name, loader in loaders.items()}
@@ -198,36 +226,92 @@ class Trainer:
                 with (nullcontext() if sync else train_model.no_sync()), autocast(self.device, self.precision):
                     loss, logs = self.method.step(train_model, batches, it)
                 (loss / accum).backward()
-                window.add(logs, accum)
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-            self.optimizer.step()
-            done = it + 1
-            self.method.after_step(self.model, done)
+                step_logs.append(logs)
+            done, step = it + 1, _merged(step_logs, accum)
+            if not self._skip_nonfinite(done, step):
+                if cfg.train.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+                self.optimizer.step()
+                self.method.after_step(self.model, done)
+                window.add(done, step)
             window.n += 1
             bar.update(1)
+            saving = _every(cfg.train.ckpt_interval, done) or done == self.total
+            evaluating = done < self.total and _every(cfg.train.eval_interval, done)
             if done % cfg.train.log_interval == 0 or done == self.total:
+                self._check_finite(window)
                 record = window.record(lr, done, self.device)
                 self.tracker.log("train", done, record)
                 self.step_times.append(record["time"])
-                bar.set_postfix(loss=f"{record['loss']:.3f}", data=f"{record['data_time']:.3f}s",
+                bar.set_postfix(loss=f"{record.get('loss', math.nan):.3f}", data=f"{record['data_time']:.3f}s",
                                 step=f"{record['time']:.3f}s")
                 window = _Window()
+            elif saving or evaluating:
+                self._check_finite(window)  # before best.pth or a checkpoint can take weights a bad step made
             t_eval = time.perf_counter()
-            if done < self.total and _every(cfg.train.eval_interval, done):
+            if evaluating:
                 self._update_best(done, self.evaluate(done, eval_cfg=self._periodic_protocol(done)))
             elif done < self.total and cfg.hl.enabled and _every(cfg.train.hl_map_interval, done):
                 self._hl_snapshot(done)
             # The logged `time` is the training step alone; evaluations report their own eval_time.
             window.start += time.perf_counter() - t_eval
-            if _every(cfg.train.ckpt_interval, done) or done == self.total:
+            if saving:
                 self._save(done)
             if hooks.get("stop_after") == done:
                 bar.close()
                 self.tracker.finish(exit_code=1)
                 return {"stopped_at": done}
+            if any_rank(stop.received is not None, self.host_group):
+                bar.close()
+                self._stop_for_requeue(done, stop.received, window, saved=saving)
         bar.close()
         return self._finish(time.perf_counter() - train_start)
+
+    def _skip_nonfinite(self, it: int, step: dict) -> bool:
+        """With train.skip_nonfinite=K: True (no update) when a logged value of step `it` is not finite, up to K
+        times in the run; a RunStopped beyond that, or when the bad values reached state a skip cannot restore.
+
+        Deciding before the update needs the values on the host each step: the one sync per step this option costs
+        (off, non-finite values are found at the next log point, evaluation or checkpoint, at no extra sync)."""
+        if not self.skip_limit:
+            return False
+        bad = _first_nonfinite([(it, step)])
+        if not any_rank(bad is not None, self.host_group):
+            return False
+        self.skipped.append(it)
+        what = _terms(bad[1]) if bad else "on another rank"
+        if len(self.skipped) > self.skip_limit:
+            raise RunStopped(f"non-finite loss at iteration {it} ({what}): more than train.skip_nonfinite="
+                             f"{self.skip_limit} steps skipped (iterations {self.skipped}); {self._last_good()}")
+        if any_rank(not _all_finite([self.model.state_dict(), self.method.state_dict()]), self.host_group):
+            raise RunStopped(f"non-finite loss at iteration {it} ({what}) reached the BatchNorm statistics or the "
+                             f"method's state, which skipping the update cannot undo; {self._last_good()}")
+        log.warning("non-finite loss at iteration %d (%s): update skipped (%d of train.skip_nonfinite=%d)", it,
+                    what, len(self.skipped), self.skip_limit)
+        return True
+
+    def _check_finite(self, window: _Window) -> None:
+        """A RunStopped naming the first non-finite logged value of the window's steps (one host transfer), so no
+        log line, evaluation or checkpoint uses what it produced; the last good checkpoint stays the newest."""
+        bad = window.first_nonfinite()
+        if any_rank(bad is not None, self.host_group):
+            where = f"at iteration {bad[0]} ({_terms(bad[1])})" if bad else "on another rank"
+            raise RunStopped(f"non-finite loss {where}; stopped without saving: {self._last_good()}; "
+                             f"train.skip_nonfinite=K would skip up to K such steps")
+
+    def _last_good(self) -> str:
+        return (f"the last good checkpoint is {self.last_saved}" if self.last_saved
+                else "no checkpoint was written before it")
+
+    def _stop_for_requeue(self, it: int, signal_name: str | None, window: _Window, saved: bool) -> None:
+        """Pre-emption: the state after step `it` on disk (unless this step saved it), W&B told, RunStopped."""
+        if not saved:
+            self._check_finite(window)
+            self._save(it)
+        self.tracker.finish(exit_code=REQUEUE_EXIT, preempted=True)
+        raise RunStopped(f"{signal_name or 'a stop signal (another rank)'} at iteration {it}: saved "
+                         f"{self.ckpt_dir / _ckpt_name(it)}; requeue the job with resume=true (exit status "
+                         f"{REQUEUE_EXIT})", exit_code=REQUEUE_EXIT)
 
     def _periodic_protocol(self, it: int):
         """The eval config of a periodic evaluation: eval.during before its `until`, the final protocol after."""
@@ -268,22 +352,43 @@ class Trainer:
         """HL-map panel image (+W&B), and the raw HL and CE-loss maps of those images for stability analysis."""
         if panel is None:  # only rank 0 collects the panel
             return
+        kinds = hardness_kinds(self.val_set)
         self.tracker.log_hl_maps(it, panel["images"], panel["hl"], panel["labels"], panel["preds"],
-                                 hard=panel["hard"])
+                                 hard=panel["hard"], loss=panel["loss"], hard_bits=kinds)
         if panel["hl"] is not None:
             out = self.run_dir / "hl_maps"
             out.mkdir(parents=True, exist_ok=True)
+            # image, pred, class names, palette and the kinds' names/bits: analysis redraws the panel from the file
             np.savez_compressed(out / f"maps_{it:06d}.npz", hl=panel["hl"].numpy().astype(np.float16),
                                 loss=panel["loss"].numpy().astype(np.float16),
-                                label=panel["labels"].numpy().astype(np.uint8), hard=panel["hard"].numpy())
+                                label=panel["labels"].numpy().astype(np.uint8), hard=panel["hard"].numpy(),
+                                image=panel["images"].numpy().astype(np.uint8),
+                                pred=panel["preds"].numpy().astype(np.uint8),
+                                classes=np.array(self.classes, dtype=str),
+                                palette=np.array(self.tracker.palette, np.uint8).reshape(-1, 3),
+                                kinds=np.array(list(kinds), dtype=str), bits=np.array(list(kinds.values()), np.int64))
 
     def _save(self, it: int) -> None:
+        """The full training state after `it` iterations, then train.keep_checkpoints pruning of older ones."""
         if self.info.is_main:
-            ckpt.atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "method": self.method.state_dict(), "iter": it, "best": self.best,
-                              "rng": ckpt.rng_state()},
-                             self.ckpt_dir / f"iter_{it:06d}.pth")
+            path = self.ckpt_dir / _ckpt_name(it)
+            self._write({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "method": self.method.state_dict(), "iter": it, "best": self.best,
+                         "skipped_nonfinite": self.skipped, "rng": ckpt.rng_state()}, path)
+            self.last_saved = path
+            ckpt.prune_checkpoints(self.ckpt_dir, int(self.cfg.train.keep_checkpoints), path)
         barrier()
+
+    def _write(self, state: dict, path: Path) -> None:
+        """ckpt.atomic_save; a failed write (full disk, quota, I/O error) leaves the earlier files as they were and
+        stops the run in one line saying so."""
+        try:
+            ckpt.atomic_save(state, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a short write as a RuntimeError
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise RunStopped(f"could not write {path} ({type(err).__name__}: {err}; {free:.0f} MiB free there); the "
+                             f"files already there are unchanged ({self._last_good()}); free space, then "
+                             f"resume=true") from err
 
     def _update_best(self, it: int, result: dict) -> None:
         """Keep the best evaluation so far and the weights that produced it (checkpoints/best.pth).
@@ -298,8 +403,7 @@ class Trainer:
             return
         module, which = self.method.eval_model(self.model)
         if self.info.is_main:
-            ckpt.atomic_save({"model": module.state_dict(), "iter": it, "weights": which},
-                             self.ckpt_dir / "best.pth")
+            self._write({"model": module.state_dict(), "iter": it, "weights": which}, self.ckpt_dir / "best.pth")
         self.best = _summary_entry(it, metrics, result["protocol"], f"checkpoints/best.pth (iter {it})", which,
                                    self.classes)
 
@@ -341,8 +445,10 @@ class Trainer:
             "hard_kinds": list(cfg.data.get("hard_kinds") or []),
             "report_classes": report_classes,
             "report_IoU": _report_iou(final["metrics"], report_classes),
+            "skipped_nonfinite": {"count": len(self.skipped), "iters": self.skipped},
             "paper": _plain(cfg.paper),
             "batch": self.plan.as_dict(),
+            "wandb_run": self.identity,  # name, group, job_type, tags of the W&B run (analysis.dashboard reads them)
             **self.method.describe(),
         }
         self.tracker.write_summary(summary)
@@ -351,25 +457,67 @@ class Trainer:
 
 
 class _Window:
-    """Running sums of one logging window; losses stay on the device until the log point (no per-step sync)."""
+    """The steps of one logging window; their logged values stay on the device until the log point (no per-step
+    sync). `n` counts every step (for the timings), `steps` those that updated the weights."""
 
     def __init__(self):
-        self.data, self.start, self.n, self.logs = 0.0, time.perf_counter(), 0, {}
+        self.data, self.start, self.n, self.steps = 0.0, time.perf_counter(), 0, []
 
-    def add(self, logs: dict, accum: int) -> None:
-        for k, v in logs.items():
-            self.logs[k] = self.logs.get(k, 0.0) + v.detach().float() / accum
+    def add(self, it: int, logs: dict) -> None:
+        self.steps.append((it, logs))
+
+    def first_nonfinite(self) -> tuple[int, dict] | None:
+        return _first_nonfinite(self.steps)
 
     def record(self, lr: float, it: int, device) -> dict:
-        means = all_reduce_mean({k: v / self.n for k, v in self.logs.items()})
-        values = {k: float(v) for k, v in means.items()}
-        if not all(math.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"non-finite loss at iteration {it}: {values}")
+        keys = dict.fromkeys(k for _, logs in self.steps for k in logs)
+        means = all_reduce_mean({k: torch.stack([logs[k] for _, logs in self.steps if k in logs]).mean()
+                                 for k in keys})
         record = {"lr": lr, "data_time": self.data / self.n, "time": (time.perf_counter() - self.start) / self.n,
-                  **values}
+                  **{k: float(v) for k, v in means.items()}}
         if device.type == "cuda":
             record["memory"] = int(torch.cuda.max_memory_allocated(device) / 2**20)
         return record
+
+
+def _merged(step_logs: list[dict], accum: int) -> dict:
+    """One iteration's logged values (device scalars): the mean over its accumulation steps."""
+    merged = {}
+    for logs in step_logs:
+        for k, v in logs.items():
+            merged[k] = merged.get(k, 0.0) + v.detach().float() / accum
+    return merged
+
+
+def _first_nonfinite(steps: list[tuple[int, dict]]) -> tuple[int, dict] | None:
+    """(iteration, {key: value}) of the first step with a non-finite logged value, or None; one host transfer."""
+    if not steps:
+        return None
+    flat = iter(torch.stack([v for _, logs in steps for v in logs.values()]).tolist())
+    for it, logs in steps:
+        bad = {k: v for k, v in zip(logs, flat) if not math.isfinite(v)}
+        if bad:
+            return it, bad
+    return None
+
+
+def _terms(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def _all_finite(state) -> bool:
+    """Whether every floating-point tensor in nested dicts and lists (state dicts) is finite."""
+    if torch.is_tensor(state):
+        return not state.is_floating_point() or bool(torch.isfinite(state).all())
+    if isinstance(state, dict):
+        return all(_all_finite(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return all(_all_finite(v) for v in state)
+    return True
+
+
+def _ckpt_name(it: int) -> str:
+    return f"iter_{it:06d}.pth"
 
 
 def _every(interval, it: int) -> bool:

@@ -30,7 +30,7 @@ HL_OHEM_MODES = ("mask_then_normalise", "replace")
 HL_SEMISUP_TARGETS = ("sup", "u2pl.unsup", "unimatch.s1", "unimatch.s2", "unimatch.fp")
 # The authors' HL knobs (method.md §13) besides the normaliser's scope, which must equal their per-GPU batch.
 HL_REFERENCE = {"lam": 0.01, "offset": 0.1, "ignore": "keep", "detach_features": True, "weight_aux": False,
-                "lr_mult": 1.0}
+                "lr_mult": 1.0, "head_channels": None}
 
 
 def reference_group(per_device: int, reference_per_gpu: int) -> int | None:

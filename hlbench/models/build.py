@@ -57,12 +57,14 @@ def _build_head(cfg, stage_channels, num_classes, align_corners, section="head")
     return _construct(cls, section, options, **derived)
 
 
-def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_dir=None):
+def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_dir=None, hl_head_channels=None):
     """Segmentor from a model config; hl=True adds the HL head, a fresh copy of the decode head with one output.
 
     Args:
         model_cfg: dict/DictConfig with backbone, head, aux and align_corners (see hlbench/conf/model/).
         weights_dir: the folder where a bare `backbone.pretrained` file name is looked up (hlbench.weights).
+        hl_head_channels: the HL copy's `channels` (hl.head_channels); None keeps the decode head's, as the
+            authors do. Fewer channels make a light HL head: at OS8 the head's cost grows with its channels.
     """
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     for key in ("backbone", "head"):
@@ -103,6 +105,8 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_
     # the aux head is not copied. A cascade copies every stage. U2PL's representation head is not part of the
     # segmentation path either, so the copy goes without it (semisup.md §5).
     hl_cfg = {**head_cfg, "rep_channels": 0} if "rep_channels" in head_cfg else head_cfg
+    if hl_head_channels is not None:
+        hl_cfg = {**hl_cfg, "channels": int(hl_head_channels)}
     hl_head = decode(1, hl_cfg) if hl else None
     segmentor = CascadeSegmentor if stage0_cfg else Segmentor
     return segmentor(backbone, decode_head, auxiliary_head, hl_head, align_corners, detach_hl_features)

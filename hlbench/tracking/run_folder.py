@@ -4,14 +4,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
 from hlbench.atomic_files import atomic_write
+from hlbench.errors import ConfigError
 
+LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 RESUME_MODE = "resume"  # metrics.jsonl marker line {"mode": "resume", "iter": R}: later lines supersede iter > R
@@ -134,3 +138,63 @@ def current_metrics(records: list[dict]) -> list[dict]:
         kept.pop(key, None)  # re-insert so dict order follows the surviving line's position
         kept[key] = rec
     return list(kept.values())
+
+
+@contextmanager
+def claimed_run_folder(next_path, resume: bool):
+    """The run folder `next_path()` names, created and locked for this process while the block runs.
+
+    A fresh run creates its folder with one exclusive mkdir: of two jobs starting together one gets it and the
+    other asks `next_path()` again (which then names the next version). resume=true takes the existing folder;
+    the lock keeps out a second job. A run that wrote nothing (it failed at start) leaves no folder behind.
+    """
+    while True:
+        path = Path(next_path())
+        if resume and path.exists():
+            break
+        try:
+            path.mkdir(parents=True)
+            break
+        except FileExistsError:
+            continue
+    with _locked(path) as lock:
+        try:
+            yield path
+        finally:
+            if [p.name for p in path.iterdir()] == [LOCK_FILE]:
+                lock.unlink()
+                for folder in (path, path.parent, path.parent.parent):  # seed<k>, experiment, suite: if empty
+                    try:
+                        folder.rmdir()
+                    except OSError:
+                        break
+
+
+@contextmanager
+def _locked(run_dir: Path):
+    """An exclusive lock on `run_dir` while the block runs (yields the lock file); a ConfigError naming the holder
+    when another process has it.
+
+    The lock is flock(2) on run_dir/.lock: the kernel drops it when its process ends, a SIGKILL included, so a
+    requeued job never finds a stale lock. POSIX only: elsewhere the block runs unlocked.
+    """
+    lock = run_dir / LOCK_FILE
+    try:
+        import fcntl
+    except ImportError:
+        yield lock
+        return
+    with open(lock, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to end or use another out_dir") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield lock
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

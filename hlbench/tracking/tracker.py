@@ -12,10 +12,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from hlbench.tracking.environment import environment_record
-from hlbench.tracking.hl_maps import default_palette, image_to_hwc, render_hl_panel, save_png, to_numpy
+from hlbench.tracking.hl_maps import (as_maps, colorize_hl, default_palette, hl_panel_figure, image_to_hwc,
+                                      resize_map, save_figure, to_numpy)
 from hlbench.tracking.run_folder import (CONFIG_FILE, METRICS_FILE, RESUME_MODE, append_jsonl,
                                          atomic_write_json, atomic_write_text, atomic_write_yaml, flatten,
                                          read_yaml, to_plain, write_config)
+from hlbench.tracking.wandb_layout import define_metrics
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,8 @@ class Tracker:
                                settings=wandb.Settings(silent=True), **init_kwargs)
         if self._run is not None:
             self._last_step = max(self._last_step, (self._run.step or 0) - 1)
+            self._call(define_metrics, self._run, self.class_names)
+        if self._run is not None:
             self._call(self._announce_run)
 
     def _announce_run(self) -> None:
@@ -165,26 +169,39 @@ class Tracker:
                    if isinstance(v, numbers.Number) and not isinstance(v, bool)}
         self._wandb_log(scalars, int(it))
 
-    def log_hl_maps(self, it: int, images, hl, labels, preds, hard=None) -> Path | None:
-        """Save the HL-map panel to hl_maps/iter_<it>.png and log it (plus a mask overlay) to W&B."""
+    def log_hl_maps(self, it: int, images, hl, labels, preds, hard=None, loss=None, hard_bits=None) -> Path | None:
+        """Save the HL-map panel to hl_maps/iter_<it>.png; log it, and each image and HL map with class masks, to W&B.
+
+        `loss` (per-pixel CE) and `hard_bits` ({kind: bit} of the `hard` mask) add the loss and hardness-kind columns.
+        """
         if not self.active:
             return None
-        panel = render_hl_panel(images, hl, labels, preds, self.palette, hard=hard)
-        path = save_png(panel, self.run_dir / "hl_maps" / f"iter_{int(it):06d}.png")
+        fig = hl_panel_figure(labels, preds, self.palette, images=images, hl=hl, loss=loss, hard=hard,
+                              hard_bits=hard_bits, title=f"iteration {int(it)}")
+        path = save_figure(fig, self.run_dir / "hl_maps" / f"iter_{int(it):06d}.png")
         if self._run is not None:
-            data = self._call(self._hl_media, panel, images[0], to_numpy(labels[0]), to_numpy(preds[0]))
+            data = self._call(self._hl_media, path, images, hl, to_numpy(labels), to_numpy(preds))
             if data is not None:
                 self._wandb_log(data, int(it))
         return path
 
-    def _hl_media(self, panel, image, label, pred) -> dict:
-        """The panel, and the first image with W&B's interactive prediction / ground-truth mask overlay."""
+    def _hl_media(self, panel: Path, images, hl, labels, preds) -> dict:
+        """The panel, and per image the image and its HL map with W&B's toggleable prediction / ground-truth masks."""
         names = dict(enumerate(self.class_names)) | {255: "ignore"}
-        overlay = self._wandb.Image(image_to_hwc(image, label.shape), masks={
-            "predictions": {"mask_data": pred, "class_labels": names},
-            "ground_truth": {"mask_data": label, "class_labels": names}})
-        panel = self._wandb.Image(panel, caption="image | ground truth | prediction | HL map | hardness")
-        return {"hl_maps/panel": panel, "hl_maps/overlay": overlay}
+
+        def with_masks(rgb, i):
+            return self._wandb.Image(rgb, caption=f"image {i}", masks={
+                "prediction": {"mask_data": preds[i], "class_labels": names},
+                "ground_truth": {"mask_data": labels[i], "class_labels": names}})
+
+        data = {"hl_maps/panel": self._wandb.Image(str(panel), caption="image | ground truth | prediction | HL map"
+                                                                       " | CE loss | hardness kinds"),
+                "hl_maps/image": [with_masks(image_to_hwc(images[i], labels[i].shape), i) for i in range(len(labels))]}
+        if hl is not None:
+            hl = as_maps(hl)
+            data["hl_maps/hl"] = [with_masks(colorize_hl(resize_map(hl[i], labels[i].shape)), i)
+                                  for i in range(len(labels))]
+        return data
 
     def log_class_iou(self, it: int, iou: dict) -> None:
         """Per-class IoU as a W&B table (metrics.jsonl already holds IoU.<class> from the val line)."""
@@ -204,11 +221,15 @@ class Tracker:
             flat = {k: v for k, v in flatten(to_plain(summary), sep="/").items() if v is not None}
             self._call(self._run.summary.update, flat)
 
-    def finish(self, exit_code: int = 0) -> None:
-        """Finish the W&B run (one finished run per Hydra multirun job); safe to call more than once."""
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """Finish the W&B run (one finished run per Hydra multirun job); safe to call more than once.
+
+        `preempted`: W&B shows the run as preempted (to be resumed), not as failed."""
         if self._finished:
             return
         self._finished = True
+        if self._run is not None and preempted:
+            self._call(self._run.mark_preempting)
         if self._run is not None:
             self._call(self._run.finish, exit_code=exit_code)
             self._run = None

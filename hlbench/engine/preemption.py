@@ -1,0 +1,57 @@
+"""Pre-emption: SIGTERM / SIGUSR1 ask the train loop to checkpoint at the end of the step and exit for a requeue.
+
+SLURM sends SIGTERM to every process of a job before it kills it (and `--signal=USR1@<seconds>` sends SIGUSR1
+that long before the time limit); the loop checks the request once per step, writes a checkpoint and exits
+with REQUEUE_EXIT so that a launcher resubmits the job with resume=true.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+# sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": a requeue wrapper (slurm.conf
+# RequeueExit=75, LSF `bsub -Q 75`, or a shell loop) resubmits on this status and on no other.
+REQUEUE_EXIT = 75
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+_shield_forks = False
+
+
+def _block_stop_signals_in_child() -> None:
+    # DataLoader workers forked during training get the launcher's SIGTERM too (SLURM signals every process of
+    # the job) and would die of it mid-step, taking the step down with them. Blocked here, the signal stays
+    # pending in the worker; the training process ends its workers itself, and SIGKILL still ends everything.
+    if _shield_forks:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_block_stop_signals_in_child)
+
+
+class StopSignals:
+    """While entered (main thread only): SIGTERM and SIGUSR1 record a stop request instead of killing the process;
+    processes forked meanwhile (DataLoader workers) do not act on them. The previous handlers return on exit."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignals:
+        global _shield_forks
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            _shield_forks = True
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        global _shield_forks
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        _shield_forks = False

@@ -1,0 +1,131 @@
+"""Training memory: an estimate made before the first step, and the measured peak of a process.
+
+The estimate runs one forward pass and the labelled loss of the real model on the `meta` device (shapes only, no
+memory, about a second for a ResNet-101 at 769²) and adds up the tensors autograd saves for backward, each storage
+once, plus weights, gradients and optimiser state. Activations saved for backward dominate a segmentation
+model's peak, which comes at the start of backward; the estimate leaves out the CUDA context and allocator
+slack, as torch.cuda.max_memory_allocated does.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+GiB = 2 ** 30
+# Optimiser state per parameter, in parameter copies (SGD momentum: 1; AdamW: exp_avg and exp_avg_sq).
+_OPTIMIZER_STATE = {"sgd": 1, "adamw": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    activations: float  # bytes saved for backward
+    weights: float      # parameters + gradients + optimiser state (+ bf16 weight copies under autocast)
+    images: int
+    crop: tuple[int, int]
+    precision: str
+
+    @property
+    def total(self) -> float:
+        return self.activations + self.weights
+
+    def describe(self, device: torch.device | None = None) -> str:
+        line = (f"estimated peak training memory per device: {self.total / GiB:.1f} GiB ({self.activations / GiB:.1f} "
+                f"GiB activations saved for backward at {self.images} image(s) of {self.crop[0]}x{self.crop[1]} in "
+                f"{self.precision}, {self.weights / GiB:.2f} GiB weights, gradients and optimiser state; counted on "
+                f"the meta device)")
+        capacity = _capacity(device)
+        return line + (f"; the device has {capacity / GiB:.1f} GiB" if capacity else "")
+
+    def exceeds(self, device: torch.device) -> bool:
+        """Whether the estimate is above 95 % of the CUDA device's memory (False off CUDA)."""
+        capacity = _capacity(device)
+        return bool(capacity) and self.total > 0.95 * capacity
+
+
+def _capacity(device) -> int | None:
+    if device is None or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).total_memory
+
+
+def saved_activation_bytes(fn, exclude=()) -> int:
+    """Bytes of the tensors autograd saves while fn() runs, each storage counted once; `exclude`: tensors whose
+    storage is not counted (the parameters)."""
+    skip = {t.untyped_storage()._cdata for t in exclude}
+    # Holding the storages keeps their addresses from being reused by later tensors during fn().
+    seen: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage._cdata not in skip:
+            seen.setdefault(storage._cdata, storage)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(s.nbytes() for s in seen.values())
+
+
+def estimate_train_memory(cfg, num_classes: int, images: int, crop, labeled: int | None = None) -> MemoryEstimate:
+    """Peak memory of one training step of the run config `cfg` at `images` per device and crop [h, w].
+
+    Every stream's images go through the model once, the first `labeled` (default: all) into the labelled loss
+    (the semi-supervised methods' other losses and extra passes, e.g. UniMatch's perturbed views, are not
+    counted). bf16 counts the model's activations in bf16 and the losses in fp32, as autocast computes them.
+    """
+    from .methods.labelled_loss import LabelledLoss
+    from .models import build_model
+
+    h, w = (int(v) for v in crop)
+    bf16 = cfg.train.precision == "bf16"
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg["backbone"]["pretrained"] = "none"  # the shapes, not the weights
+    with torch.device("meta"):
+        model = build_model(model_cfg, num_classes, hl=cfg.hl.enabled, detach_hl_features=cfg.hl.detach_features,
+                            hl_head_channels=cfg.hl.head_channels).train()
+    if bf16:
+        model = model.to(torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    labeled = images if labeled is None else labeled
+    loss = LabelledLoss(cfg, labeled)
+    img = torch.zeros(images, 3, h, w, device="meta", dtype=torch.bfloat16 if bf16 else torch.float32)
+    label = torch.zeros(labeled, h, w, device="meta", dtype=torch.int64)
+
+    def step():
+        out = {k: v[:labeled] for k, v in model(img).items()}
+        loss(out, label, model.align_corners)
+    activations = saved_activation_bytes(step, exclude=params)
+    n_params = sum(p.numel() for p in params)
+    copies = 2 + _OPTIMIZER_STATE.get(cfg.optim.name, 1)  # fp32 weights and gradients + optimiser state
+    weights = n_params * 4 * copies + (n_params * 2 if bf16 else 0)
+    return MemoryEstimate(float(activations), float(weights), images, (h, w), cfg.train.precision)
+
+
+class PeakMemory:
+    """Peak memory of this process since reset(): CUDA max_memory_allocated, or on Linux CPUs the resident set's
+    high-water mark (VmHWM, reset through /proc/self/clear_refs); None where neither can be read."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")  # "5" resets the peak RSS (Linux >= 4.0)
+
+    def gib(self) -> float | None:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / GiB
+        try:
+            status = Path("/proc/self/status").read_text()
+        except OSError:
+            return None
+        kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), None)
+        return kib / 2 ** 20 if kib is not None else None

@@ -1,0 +1,95 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Paper tables: ours from our runs, the authors' from their logs
+#
+# * **Ours.** Each suite is one paper table (`experiments/suites/<suite>.yaml`): the table the run printed,
+#   final and best mIoU side by side (mean ± std (n) over seeds, points), and baseline vs HL per suite.
+# * **The authors'.** Given a folder laid out like the authors' `logs/` (one sub-folder per table, each with a
+#   README whose cells link to log files), every table rebuilt from the logs with its check column
+#   (`analysis.paper_tables`, also `python -m analysis.tables <dir> --out DIR`).
+#
+# Set `HLBENCH_RUNS` to the runs folder (default `outputs/`) and `HLBENCH_LOGS` to the authors' logs folder.
+
+# %% tags=["parameters"]
+import os
+
+RUNS = os.environ.get("HLBENCH_RUNS", "outputs")
+LOGS = os.environ.get("HLBENCH_LOGS", "")
+
+# %%
+# %matplotlib inline
+from pathlib import Path
+
+import pandas as pd
+import seaborn as sns
+
+from analysis import aggregate, format_mean_std, format_table, load_runs
+from analysis.semisup import read_summaries
+from hlbench.report import comparison_table
+
+runs = load_runs(RUNS) if Path(RUNS).is_dir() else pd.DataFrame(columns=["run_dir", "experiment", "suite", "seed"])
+summaries = read_summaries(RUNS) if Path(RUNS).is_dir() else []
+suites = sorted({s["suite"] for s in summaries if s.get("suite")})
+print(f"{len(runs)} run(s) under {RUNS!r} in {len(suites)} suite(s): {', '.join(suites) or '-'}")
+
+# %% [markdown]
+# ## Each suite's table as the runner printed it (final iteration; the paper's number where the card has one)
+
+# %%
+if not suites:
+    print("no suite runs: no tables")
+for suite in suites:
+    print(comparison_table([s for s in summaries if s.get("suite") == suite], title=suite))
+    print()
+
+# %% [markdown]
+# ## Final and best mIoU, mean ± std (n) over seeds (points)
+
+# %%
+metrics = [m for m in ("final.mIoU", "best.mIoU") if m in runs.columns]
+if runs.empty:
+    print("no runs: no final / best table")
+else:
+    print(format_table(format_mean_std(aggregate(runs, by=["suite", "experiment", "hl.enabled"], metrics=metrics))))
+
+# %% [markdown]
+# ## Baseline vs HL per suite (final mIoU, bars: mean over seeds, whiskers: sd)
+
+# %%
+if runs.empty:
+    print("no runs: no chart")
+else:
+    plot = runs.assign(mIoU=100 * pd.to_numeric(runs["final.mIoU"], errors="coerce"),
+                       HL=runs["hl.enabled"].map({True: "HL", False: "baseline"}))
+    grid = sns.catplot(data=plot, kind="bar", y="experiment", x="mIoU", hue="HL", col="suite", errorbar="sd",
+                       sharey=False, height=0.4 * plot["experiment"].nunique() + 1.5, aspect=1.5)
+
+# %% [markdown]
+# ## The authors' tables, rebuilt from their logs (`analysis.paper_tables`)
+#
+# Each table in its README's shape with Δ = HL − baseline, the mean Δ line and a check column flagging any cell
+# whose README number differs from the value rebuilt from its log.
+
+# %%
+if not LOGS or not Path(LOGS).is_dir():
+    print("HLBENCH_LOGS is not a folder: set it to a folder laid out like the authors' logs/ to rebuild their tables")
+else:
+    from analysis.paper_tables import build_paper_tables
+
+    tables, skipped, _ = build_paper_tables(LOGS)
+    for t in tables:
+        print(f"{t.name}: {len(t.failures)} cell(s) failing the check")
+        print(t.markdown)
+    print(*skipped, sep="\n")
