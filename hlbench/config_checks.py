@@ -32,6 +32,7 @@ CHOICES = {
     "eval.select_from": (None, "all", "final_protocol"),
     "device": ("auto", "cpu", "cuda"),
     "logger.name": ("wandb", "none"),
+    "data.on_bad_sample": ("error", "skip"),
 }
 POSITIVE_INTS = ("train.iters", "train.batch_size", "train.max_batch_per_device", "eval.batch_size",
                  "eval.window_batch", "train.log_interval", "train.reference.gpus", "train.reference.per_gpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from hlbench.data.ade20k import ADE20K, build_ade20k
+from hlbench.data.bad_samples import apply_bad_sample_policy
 from hlbench.data.cityscapes import Cityscapes, build_cityscapes, build_cityscapes_semisup, cityscapes_split
 from hlbench.data.gta5 import GTA5, build_gta5_to_cityscapes
 from hlbench.data.semisup import Split, UnlabeledImages, read_split_list, shipped_splits
@@ -25,11 +26,14 @@ def build_datasets(data_cfg, seed: int) -> dict:
     """{"train": Dataset, "val": Dataset} for data_cfg.name; `seed` is the run seed (augmentation only).
 
     Semi-supervised data sets (SEMISUP_SPLITS) add "unlabeled", and their "train" is the labeled part of the split.
+    data.on_bad_sample (error | skip) says what a bad file does (bad_samples.py).
     """
     name = data_cfg.get("name") if data_cfg is not None else None
     if name not in DATASETS:
         raise ValueError(f"data.name={name!r} is not a known data set; valid names: {sorted(DATASETS)}")
-    return DATASETS[name](data_cfg, seed)
+    datasets = DATASETS[name](data_cfg, seed)
+    apply_bad_sample_policy(datasets, data_cfg.get("on_bad_sample", "error"))
+    return datasets
 
 
 def split_record(data_cfg) -> dict | None:

@@ -78,7 +78,8 @@ class ADE20K(LabelledFiles):
         pairs = ade20k_pairs(root, split)
         if not pairs:
             raise FileNotFoundError(f"no *.jpg images under {Path(root) / 'images' / SPLITS[split]}")
-        super().__init__(pairs, CLASSES, PALETTE, transform, aug_seed)
+        # Annotations hold 0 (other) and the 150 class indices.
+        super().__init__(pairs, CLASSES, PALETTE, transform, aug_seed, raw_max=len(CLASSES))
         self.root, self.split = Path(root), split
 
 

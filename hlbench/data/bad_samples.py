@@ -72,6 +72,16 @@ class BadSampleLog:
                                        "(data.on_bad_sample=skip needs at least one good one)")
 
 
+def apply_bad_sample_policy(datasets: dict, mode: str) -> None:
+    """Give every file data set of `datasets` a fresh log in data.on_bad_sample `mode` (generated data: none)."""
+    for dataset in datasets.values():
+        if (found := bad_sample_log(dataset)) is not None:
+            base = dataset
+            while hasattr(base, "dataset"):
+                base = base.dataset
+            base.bad_samples = BadSampleLog(mode, size=found.size)
+
+
 def bad_sample_log(dataset) -> BadSampleLog | None:
     """The BadSampleLog of a file data set, through wrappers (Subset, SeededSamples); None for generated data."""
     while hasattr(dataset, "dataset"):
@@ -142,18 +152,33 @@ def record_skips(batch: dict, log: BadSampleLog) -> dict:
     return batch
 
 
-def bad_sample_report(datasets: dict) -> dict | None:
-    """{"mode", "skipped", "per_split", "files": [{"split", "file", "reason"}] (first 100)} over every rank, or
-    None where no data set reads files. Under DDP every rank must call it (it gathers the ranks' logs)."""
+def bad_sample_files(datasets: dict) -> dict[str, dict[str, str]]:
+    """{split: {file: reason}} of the bad files met so far by every rank (checkpoints keep it across a resume).
+    Under DDP every rank must call it (it gathers the ranks' logs)."""
     logs = {name: found for name, ds in datasets.items() if (found := bad_sample_log(ds)) is not None}
-    if not logs:
-        return None
     files = {name: dict(found.files) for name, found in logs.items()}
     if dist.is_initialized():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, files)
         files = {name: {path: reason for rank in gathered for path, reason in rank[name].items()} for name in logs}
+    return files
+
+
+def restore_bad_sample_files(datasets: dict, files: dict) -> None:
+    """Put a checkpoint's bad_sample_files back into the data sets' logs (a resumed run keeps counting)."""
+    for name, found in files.items():
+        if name in datasets and (log := bad_sample_log(datasets[name])) is not None:
+            log.files.update(found)
+
+
+def bad_sample_report(datasets: dict) -> dict | None:
+    """{"mode", "skipped", "per_split", "files": [{"split", "file", "reason"}] (first 100)} over every rank, or
+    None where no data set reads files. Under DDP every rank must call it."""
+    logs = [found for ds in datasets.values() if (found := bad_sample_log(ds)) is not None]
+    if not logs:
+        return None
+    files = bad_sample_files(datasets)
     listed = [{"split": name, "file": path, "reason": reason} for name, found in files.items()
               for path, reason in sorted(found.items())]
-    return {"mode": next(iter(logs.values())).mode, "skipped": len(listed),
+    return {"mode": logs[0].mode, "skipped": len(listed),
             "per_split": {name: len(found) for name, found in files.items()}, "files": listed[:_REPORTED_FILES]}

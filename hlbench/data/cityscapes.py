@@ -32,6 +32,8 @@ def _id_to_train_id() -> np.ndarray:
 
 
 ID_TO_TRAIN_ID = _id_to_train_id()
+# The largest id a *_labelIds.png holds (33, license plate's -1 is not stored); a larger one is a broken file.
+MAX_LABEL_ID = max(label.id for label in _CITYSCAPES_LABELS)
 
 
 def cityscapes_images(root, split: str) -> list[Path]:
@@ -70,7 +72,7 @@ class Cityscapes(LabelledFiles):
         pairs = cityscapes_pairs(root, split)
         if not pairs:
             raise FileNotFoundError(f"no *{IMAGE_SUFFIX} images under {Path(root) / 'leftImg8bit' / split}")
-        super().__init__(pairs, CLASSES, PALETTE, transform, aug_seed)
+        super().__init__(pairs, CLASSES, PALETTE, transform, aug_seed, raw_max=MAX_LABEL_ID)
         self.root, self.split = Path(root), split
 
 
@@ -94,10 +96,13 @@ def cityscapes_split(data_cfg) -> Split:
     return resolve_split(data_cfg, train_list)
 
 
-def split_files(root, split: Split) -> tuple[list[tuple[Path, Path, np.ndarray | None]], list[Path]]:
+def split_files(root, split: Split, require_all: bool = True) -> tuple[list[tuple[Path, Path, np.ndarray | None]],
+                                                                      list[Path]]:
     """([(image, label, lut)] of the labeled list, [unlabeled image]) under `root`, once every listed file exists.
 
     A listed *_labelTrainIds.png may be replaced by its *_labelIds.png and the id LUT, as for the folder splits.
+    require_all=False (data.on_bad_sample=skip) keeps missing files in the lists: reading one skips its sample
+    and counts it (bad_samples.py).
     """
     root = Path(root)
     pairs, missing = [], []
@@ -112,9 +117,10 @@ def split_files(root, split: Split) -> tuple[list[tuple[Path, Path, np.ndarray |
             pairs.append((image, raw, ID_TO_TRAIN_ID))
         else:
             missing.append(label)
+            pairs.append((image, label, None))
     unlabeled = [root / image for image in split.unlabeled]
     missing += [image for image in unlabeled if not image.is_file()]
-    if missing:
+    if missing and require_all:
         total = 2 * len(split.labeled) + len(split.unlabeled)
         raise FileNotFoundError(f"split {split.source}: {len(missing)} of the {total} listed files are missing "
                                 f"under {root}; the first is {missing[0]}")
@@ -128,7 +134,8 @@ def build_cityscapes_semisup(data_cfg, seed: int) -> dict:
     """
     pipelines = build_split_pipelines(data_cfg, CLASSES)
     root = config_value(data_cfg, "root", "the Cityscapes folder", "data")
-    pairs, unlabeled = split_files(root, cityscapes_split(data_cfg))
-    return {"train": LabelledFiles(pairs, CLASSES, PALETTE, pipelines["train"], seed),
+    require_all = data_cfg.get("on_bad_sample", "error") != "skip"
+    pairs, unlabeled = split_files(root, cityscapes_split(data_cfg), require_all)
+    return {"train": LabelledFiles(pairs, CLASSES, PALETTE, pipelines["train"], seed, raw_max=MAX_LABEL_ID),
             "unlabeled": UnlabeledImages(unlabeled, pipelines["train"], seed),
             "val": Cityscapes(root, config_split(data_cfg, "val"), pipelines["val"], seed)}

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 from torch.utils.data import Dataset
 
+from hlbench.data.bad_samples import BadSampleLog
 from hlbench.data.files import read_image
 from hlbench.data.transforms import PAD_KEY, Compose, ToTensor, sample_rng
 from hlbench.errors import ConfigError
@@ -171,6 +172,7 @@ class UnlabeledImages(Dataset):
         if not images:
             raise ValueError("no unlabeled images")
         self.images, self.aug_seed = [Path(p) for p in images], int(aug_seed)
+        self.bad_samples = BadSampleLog(size=len(self.images))
         self.transform = transform if transform is not None else Compose([ToTensor()])
 
     def __len__(self) -> int:

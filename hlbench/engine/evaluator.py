@@ -8,6 +8,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from ..data import normalize_batch
+from ..data.bad_samples import LeaveOutBad
 from ..hardness import hardness_map
 from ..labels import IGNORE_INDEX
 from ..losses import pixel_cross_entropy
@@ -82,7 +83,8 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
     model.eval()
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    shard = Subset(dataset, list(range(rank, len(dataset), world)))
+    # data.on_bad_sample=skip: a bad file's item is None and left out (a substitute would score an image twice).
+    shard = Subset(LeaveOutBad(dataset), list(range(rank, len(dataset), world)))
     loader = DataLoader(shard, batch_size=eval_cfg.batch_size, collate_fn=list, num_workers=0)
     cm = ConfusionMatrix(len(class_names), IGNORE_INDEX, device=device)
     has_hl = getattr(model, "hl_head", None) is not None
@@ -90,7 +92,7 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
     score_hl = has_hl and eval_cfg.hl_auroc and bool(bits)
     scores, targets, panel = [], [], None
     for items in loader:
-        for batch in _stack_by_shape(items):
+        for batch in _stack_by_shape([item for item in items if item is not None]):
             if eval_cfg.mode == "center":
                 batch = center_crop(batch, eval_cfg.crop)
             img = normalize_batch(batch["img"].to(device), data_cfg.mean, data_cfg.std)

@@ -18,6 +18,7 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from ..data import build_datasets, normalize_batch, split_record
+from ..data.bad_samples import bad_sample_files, bad_sample_report, restore_bad_sample_files
 from ..data.files import check_mapped_labels
 from ..data.sampling import stream_loader
 from ..errors import RunStopped
@@ -77,6 +78,8 @@ def train(cfg, run_dir: Path, info: DistInfo, meta: dict, hooks: dict | None = N
         # Ends the loader workers now, whatever ended the run: they do not act on stop signals (preemption.py), so
         # left to the interpreter's exit they could outlive it.
         trainer.loaders.clear()
+        if trainer.bar is not None:  # ends the progress line, so that an error message starts a line of its own
+            trainer.bar.close()
 
 
 class Trainer:
@@ -93,7 +96,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = bool(cfg.train.cudnn_benchmark)
             allow_tf32(cfg.train.tf32)
 
-        datasets = build_datasets(cfg.data, cfg.seed)
+        datasets = self.datasets = build_datasets(cfg.data, cfg.seed)
         self.split = split_record(cfg.data)  # the labeled / unlabeled partition of semi-supervised data
         self.val_set = datasets["val"]
         self.classes = list(datasets["train"].classes)
@@ -120,6 +123,7 @@ class Trainer:
         self.last_saved: Path | None = None  # the newest checkpoint this run wrote or resumed from
         self.host_group = host_group()  # ranks agree on stop requests and skips without a GPU sync
         self.loaders: dict = {}  # the training streams, once fit() starts them
+        self.bar = None  # fit()'s progress bar
         self.start_it, self.best, rng = self._restore()
         self.identity = run_identity(cfg, meta["experiment"], meta["suite"], meta.get("profile"),
                                      pretrained=pretrained_name(cfg), method_tags=self.method.tags(), split=self.split)
@@ -150,6 +154,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state.get("method", {}))
             self.skipped = list(state.get("skipped_nonfinite", []))
+            restore_bad_sample_files(self.datasets, state.get("bad_samples", {}))
             self.last_saved = latest
             log.info("resumed from %s (iteration %d)", latest, state["iter"])
             return state["iter"], state.get("best"), state["rng"]
@@ -208,7 +213,7 @@ class Trainer:
                 train_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         loaders = self.loaders = self._loaders()
         window = _Window()
-        bar = tqdm(total=self.total, initial=self.start_it, disable=not info.is_main, desc=self.meta["name"],
+        bar = self.bar = tqdm(total=self.total, initial=self.start_it, disable=not info.is_main, desc=self.meta["name"],
                    dynamic_ncols=True, mininterval=5)
         train_start = time.perf_counter()
         self.model.train()
@@ -370,11 +375,13 @@ class Trainer:
 
     def _save(self, it: int) -> None:
         """The full training state after `it` iterations, then train.keep_checkpoints pruning of older ones."""
+        bad_samples = bad_sample_files(self.datasets)  # every rank: it gathers theirs
         if self.info.is_main:
             path = self.ckpt_dir / _ckpt_name(it)
             self._write({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "method": self.method.state_dict(), "iter": it, "best": self.best,
-                         "skipped_nonfinite": self.skipped, "rng": ckpt.rng_state()}, path)
+                         "skipped_nonfinite": self.skipped, "bad_samples": bad_samples, "rng": ckpt.rng_state()},
+                        path)
             self.last_saved = path
             ckpt.prune_checkpoints(self.ckpt_dir, int(self.cfg.train.keep_checkpoints), path)
         barrier()
@@ -446,6 +453,7 @@ class Trainer:
             "report_classes": report_classes,
             "report_IoU": _report_iou(final["metrics"], report_classes),
             "skipped_nonfinite": {"count": len(self.skipped), "iters": self.skipped},
+            "bad_samples": bad_sample_report(self.datasets),  # data.on_bad_sample=skip: files left out, per split
             "paper": _plain(cfg.paper),
             "batch": self.plan.as_dict(),
             "wandb_run": self.identity,  # name, group, job_type, tags of the W&B run (analysis.dashboard reads them)
