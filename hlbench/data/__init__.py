@@ -5,6 +5,7 @@ import torch
 
 from hlbench.data.ade20k import ADE20K, build_ade20k
 from hlbench.data.bad_samples import apply_bad_sample_policy
+from hlbench.data.decoded_cache import apply_decoded_cache
 from hlbench.data.cityscapes import Cityscapes, build_cityscapes, build_cityscapes_semisup, cityscapes_split
 from hlbench.data.gta5 import GTA5, build_gta5_to_cityscapes
 from hlbench.data.semisup import Split, UnlabeledImages, read_split_list, shipped_splits
@@ -33,6 +34,7 @@ def build_datasets(data_cfg, seed: int) -> dict:
         raise ValueError(f"data.name={name!r} is not a known data set; valid names: {sorted(DATASETS)}")
     datasets = DATASETS[name](data_cfg, seed)
     apply_bad_sample_policy(datasets, data_cfg.get("on_bad_sample", "error"))
+    apply_decoded_cache(datasets, data_cfg.get("decoded_cache"))
     return datasets
 
 

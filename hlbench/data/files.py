@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from hlbench.data.transforms import Compose, ToTensor, config_value, sample_rng
 from hlbench.atomic_files import atomic_write
 from hlbench.data.bad_samples import BadSampleError, BadSampleLog
+from hlbench.data.decoded_cache import read_through
 from hlbench.labels import IGNORE_INDEX
 
 log = logging.getLogger("hlbench")
@@ -156,6 +157,7 @@ class LabelledFiles(Dataset):
         self.transform = transform if transform is not None else Compose([ToTensor()])
         self.bad_samples = bad_samples if bad_samples is not None else BadSampleLog()
         self.bad_samples.size = len(self.pairs)
+        self.decoded = None  # a DecodedCache (data.decoded_cache), or decode every time
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -164,13 +166,13 @@ class LabelledFiles(Dataset):
         """The label in train ids (0..C-1, 255 = ignore), at the stored size; BadSampleError for bad values."""
         _, label_path, lut = self.pairs[index]
         if lut is None:
-            label = read_label(label_path)
+            label = read_through(self.decoded, read_label, label_path)
             if bad := outside_values(label, len(self.classes) - 1):
                 raise BadSampleError(label_path, f"values {bad[:5]} are outside the train ids "
                                                  f"0..{len(self.classes) - 1} and {IGNORE_INDEX}: map the labels "
                                                  "to train ids first (python -m hlbench.data prepare ...)")
             return label
-        raw = self.read_raw(label_path)
+        raw = read_through(self.decoded, self.read_raw, label_path)
         if self.raw_max is not None and (bad := outside_values(raw, self.raw_max)):
             raise BadSampleError(label_path, f"raw values {bad[:5]} are outside the label table "
                                              f"0..{self.raw_max} and {IGNORE_INDEX}")
@@ -178,7 +180,7 @@ class LabelledFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_path, label_path, _ = self.pairs[index]
-        img, label = read_image(image_path), self.load_label(index)
+        img, label = read_through(self.decoded, read_image, image_path), self.load_label(index)
         if img.shape[:2] != label.shape:
             raise BadSampleError(image_path, f"image is {img.shape[0]}x{img.shape[1]} but its label {label_path} "
                                              f"is {label.shape[0]}x{label.shape[1]}")

@@ -28,6 +28,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from hlbench.data.bad_samples import BadSampleLog
+from hlbench.data.decoded_cache import read_through
 from hlbench.data.files import read_image
 from hlbench.data.transforms import PAD_KEY, Compose, ToTensor, sample_rng
 from hlbench.errors import ConfigError
@@ -173,10 +174,12 @@ class UnlabeledImages(Dataset):
             raise ValueError("no unlabeled images")
         self.images, self.aug_seed = [Path(p) for p in images], int(aug_seed)
         self.bad_samples = BadSampleLog(size=len(self.images))
+        self.decoded = None  # a DecodedCache (data.decoded_cache), or decode every time
         self.transform = transform if transform is not None else Compose([ToTensor()])
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        return self.transform(unlabeled_sample(read_image(self.images[index]), index), sample_rng(self.aug_seed))
+        image = read_through(self.decoded, read_image, self.images[index])
+        return self.transform(unlabeled_sample(image, index), sample_rng(self.aug_seed))
