@@ -72,11 +72,11 @@ class Setup:
         return "+".join([self.precision] + [short for short, attr in self.FLAGS.items() if getattr(self, attr)])
 
     def inactive(self, device: torch.device) -> list[str]:
-        """The switches that do nothing on `device`: TF32, bf16 autocast (hlbench.engine.precision) and
-        cudnn.benchmark are CUDA switches."""
+        """The switches that do nothing on `device`: TF32 and cudnn.benchmark are CUDA switches (bf16 autocast runs
+        on a CPU too)."""
         if device.type == "cuda":
             return []
-        return ([self.precision] if self.precision != "fp32" else []) + (["bm"] if self.cudnn_benchmark else [])
+        return (["tf32"] if self.precision == "tf32" else []) + (["bm"] if self.cudnn_benchmark else [])
 
     def apply(self, device: torch.device) -> None:
         if device.type == "cuda":

@@ -3,12 +3,14 @@ the losses in fp32 (CPU bf16 autocast stands in for CUDA's here)."""
 import pytest
 import torch
 from hydra import compose
+from omegaconf import OmegaConf
 
 from hlbench.engine.distributed import plan_batches
 from hlbench.hardness import hardness_weights
 from hlbench.methods import build_method
 from hlbench.models import build_model
 from hlbench.models.heads import resize
+from hlbench.tracking.run_folder import flatten
 
 
 def _step(hydra_overrides, bf16):
@@ -45,3 +47,15 @@ def test_bf16_hl_losses_match_fp32(hydra_ctx, overrides):
     torch.testing.assert_close(w16, w32, rtol=1e-2, atol=1e-9)
     # The HL branch learns the same direction (bf16 rounds each gradient entry, not the update's sense).
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.99
+
+
+
+@pytest.mark.parametrize("experiment", ["fullsup/pspnet_r101_hl", "semisup/unimatch_hl_1_8", "dg/deeplabv3plus_r101_hl"])
+def test_speed_profile_changes_only_the_speed_switches(hydra_ctx, experiment):
+    plain, fast = (flatten(OmegaConf.to_container(compose("config", overrides=[f"experiment={experiment}", *extra]),
+                                                  resolve=True))
+                   for extra in ([], ["profile=fast"]))
+    changed = {key for key in plain.keys() | fast.keys() if plain.get(key) != fast.get(key)}
+    assert "train.precision" in changed and fast["train.precision"] == "bf16"
+    assert changed <= {"train.precision", "train.channels_last", "train.cudnn_benchmark", "train.compile",
+                       "train.num_workers"}
