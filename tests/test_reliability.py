@@ -168,6 +168,32 @@ def test_stop_signal_checkpoints_the_step_exits_for_requeue_and_resumes_exactly(
         _assert_resumed_equals(resumed, uninterrupted)
 
 
+def test_a_launchers_own_handler_runs_after_the_checkpoint(hydra_ctx, tmp_path):
+    # submitit installs a SIGUSR2 handler that requeues the job and exits; it must still run, after the save.
+    marker = tmp_path / "requeued.txt"
+    script = (f"import signal, sys\n"
+              f"def requeue(signum, frame):\n"
+              f"    open({str(marker)!r}, 'w').write(signal.Signals(signum).name)\n"
+              f"    sys.exit(3)\n"
+              f"signal.signal(signal.SIGUSR2, requeue)\n"
+              f"sys.argv = ['hlbench.run', *{[*LONG, f'out_dir={tmp_path}']!r}]\n"
+              f"from hlbench.run import main\n"
+              f"main()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    with open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    run_dir = tmp_path / "runs" / "smoke-hl-smoke" / "seed0"
+    _wait_until_trained(proc, run_dir, 2)
+    os.killpg(proc.pid, signal.SIGUSR2)
+    proc.wait(timeout=120)
+    assert proc.returncode == 3 and marker.read_text() == "SIGUSR2", (tmp_path / "stderr.txt").read_text()[-3000:]
+    saved = sorted(run_dir.glob("checkpoints/iter_*.pth"))
+    stopped_at = _load(saved[-1])["iter"]
+    assert _trained(run_dir) <= stopped_at < 15  # the step the signal interrupted was saved before the requeue
+
+
 # 2. Checkpoints
 
 

@@ -1,8 +1,11 @@
-"""Pre-emption: SIGTERM / SIGUSR1 ask the train loop to checkpoint at the end of the step and exit for a requeue.
+"""Pre-emption: SIGTERM / SIGUSR1 / SIGUSR2 ask the train loop to checkpoint at the end of the step and exit for a
+requeue.
 
 SLURM sends SIGTERM to every process of a job before it kills it (and `--signal=USR1@<seconds>` sends SIGUSR1
 that long before the time limit); the loop checks the request once per step, writes a checkpoint and exits
-with REQUEUE_EXIT so that a launcher resubmits the job with resume=true.
+with REQUEUE_EXIT so that a launcher resubmits the job with resume=true. A launcher that handles the signal
+itself keeps doing so, after the checkpoint: submitit (Hydra's submitit_slurm launcher) requeues its job on
+SIGUSR2, and the requeued job, started with resume=true, continues the same run folder.
 """
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ import os
 import signal
 import threading
 
+from ..errors import RunStopped
+
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": a requeue wrapper (slurm.conf
 # RequeueExit=75, LSF `bsub -Q 75`, or a shell loop) resubmits on this status and on no other.
 REQUEUE_EXIT = 75
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
 
 _shield_forks = False
 
@@ -31,8 +36,9 @@ if hasattr(os, "register_at_fork"):
 
 
 class StopSignals:
-    """While entered (main thread only): SIGTERM and SIGUSR1 record a stop request instead of killing the process;
-    processes forked meanwhile (DataLoader workers) do not act on them. The previous handlers return on exit."""
+    """While entered (main thread only): the STOP_SIGNALS record a stop request instead of killing the process;
+    processes forked meanwhile (DataLoader workers) do not act on them. The previous handlers return on exit, and
+    a Python one (a launcher's) is then called for the signal received, so that it can requeue the job."""
 
     def __init__(self):
         self.received: str | None = None
@@ -53,5 +59,10 @@ class StopSignals:
         global _shield_forks
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        launcher = self._previous.get(signal.Signals[self.received]) if self.received else None
         self._previous.clear()
         _shield_forks = False
+        # A run that stopped for the signal (not one that had finished): the launcher's own handler (not SIG_DFL or
+        # SIG_IGN), now that the state is on disk.
+        if isinstance(exc[1], RunStopped) and callable(launcher):
+            launcher(signal.Signals[self.received], None)
