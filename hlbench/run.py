@@ -34,10 +34,48 @@ def suite_file(name: str) -> Path:
 
 
 def load_suite(name: str) -> DictConfig:
-    suite = OmegaConf.load(suite_file(name))
+    """A suite: a paper table's `cells` (each names the experiment that fills it), or a bare `experiments` list
+    for a table the paper does not have; `experiments` is filled from the cells."""
+    path = suite_file(name)
+    suite = OmegaConf.load(path)
+    cells = suite.get("cells")
+    if cells is not None:
+        if suite.get("experiments") is not None:
+            raise ConfigError(f"{path}: give 'cells' or 'experiments', not both (the cells name the experiments)")
+        for i, cell in enumerate(cells):
+            if missing := [k for k in ("experiment", "row", "column") if cell.get(k) is None]:
+                raise ConfigError(f"{path}: cells[{i}] has no {', '.join(missing)}")
+        suite.experiments = [cell.experiment for cell in cells]
     if not suite.get("experiments"):
-        raise ConfigError(f"{suite_file(name)}: expected a non-empty 'experiments' list")
+        raise ConfigError(f"{path}: expected a non-empty 'cells' or 'experiments' list")
     return suite
+
+
+def suite_cards(suite: DictConfig) -> dict[str, dict]:
+    """{experiment: its expected-results card} of a suite's cells: the table's `paper` fields, the row's (`rows`),
+    the cell's own, and the paper's baseline of the row, the value of its `baseline_column` cell (default
+    "baseline"), where the table has one."""
+    plain = OmegaConf.to_container(suite)
+    table, rows, cells = plain.get("paper") or {}, plain.get("rows") or {}, plain.get("cells") or []
+    column = suite.get("baseline_column", "baseline")
+    baselines = {cell["row"]: cell.get("value") for cell in cells if cell["column"] == column}
+    cards = {}
+    for cell in cells:
+        card = {**table, **rows.get(cell["row"], {}), **{k: v for k, v in cell.items() if k != "experiment"}}
+        if cell["row"] in baselines:
+            card["baseline"] = baselines[cell["row"]]
+        cards[cell["experiment"]] = card
+    return cards
+
+
+def paper_card(experiment: str, suite: DictConfig | None = None) -> dict | None:
+    """The card of `experiment` from its suite's cell: `suite`'s, else that of the suite whose cells name it."""
+    if suite is not None and (card := suite_cards(suite).get(experiment)) is not None:
+        return card
+    for path in sorted((experiments_dir() / "suites").glob("*.yaml")):
+        if (card := suite_cards(load_suite(path.stem)).get(experiment)) is not None:
+            return card
+    return None
 
 
 def run_dir_for(cfg, experiment: str, suite: str | None, profile: str | None, seed: int) -> Path:
@@ -88,7 +126,7 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
     experiment = choices.get("experiment")
     if experiment is not None:
         plan = [(experiment, cfg)]
-        suite_name, table, layout = None, experiment, None
+        suite_name, table, layout, suite = None, experiment, None, None
     else:
         suite = load_suite(cfg.suite)
         suite_name, table, layout = cfg.suite, suite.get("table", cfg.suite), suite.get("layout")
@@ -98,9 +136,11 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
         keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("suite", "experiment")]
         plan = [(name, compose("config", overrides=keep + [f"experiment={name}"])) for name in suite.experiments]
     # Every run's config and weights are checked before the first starts: a suite never stops hours in.
-    for _, c in plan:
+    for name, c in plan:
         check_config(c)
         require_pretrained(c)
+        if c.paper is None:  # the card lives in the suite's cell (paper=... on the command line replaces it)
+            OmegaConf.update(c, "paper", paper_card(name, suite), force_add=True)
     jobs = [(name, c, s) for name, c in plan for s in _seeds(c)]
     if multirun and len(jobs) > 1:
         raise ConfigError("in a Hydra multirun each job must be one run: sweep experiment=... and seed=..., "

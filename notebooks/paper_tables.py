@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -15,7 +17,9 @@
 # # Paper tables: ours from our runs, the authors' from their logs
 #
 # * **Ours.** Each suite is one paper table (`experiments/suites/<suite>.yaml`): the table the run printed,
-#   final and best mIoU side by side (mean ± std (n) over seeds, points), and baseline vs HL per suite.
+#   each paper table in the paper's shape (the suite's cells: rows × columns, ours beside the paper's number,
+#   once with the final and once with the best evaluation), final and best mIoU side by side (mean ± std (n)
+#   over seeds, points), and baseline vs HL per suite.
 # * **The authors'.** Given a folder laid out like the authors' `logs/` (one sub-folder per table, each with a
 #   README whose cells link to log files), every table rebuilt from the logs with its check column
 #   (`analysis.paper_tables`, also `python -m analysis.tables <dir> --out DIR`).
@@ -37,6 +41,8 @@ import seaborn as sns
 
 from analysis import aggregate, format_mean_std, format_table, load_runs
 from analysis.semisup import read_summaries
+from analysis.suite_tables import suite_table
+from hlbench.run import load_suite
 from hlbench.report import comparison_table
 
 runs = load_runs(RUNS) if Path(RUNS).is_dir() else pd.DataFrame(columns=["run_dir", "experiment", "suite", "seed"])
@@ -53,6 +59,20 @@ if not suites:
 for suite in suites:
     print(comparison_table([s for s in summaries if s.get("suite") == suite], title=suite))
     print()
+
+# %% [markdown]
+# ## Each paper table in the paper's shape: ours (mean ± std (n)) | the paper's number
+
+# %%
+paper_suites = [s for s in suites if load_suite(s).get("cells")]
+if not paper_suites:
+    print("none of these suites is a paper table (a suite file with cells): no paper-shaped table")
+for suite in paper_suites:
+    for shows in ("final", "best"):
+        table = suite_table(runs, suite, shows)
+        print(table.attrs["title"])
+        print(format_table(table.reset_index()))
+        print()
 
 # %% [markdown]
 # ## Final and best mIoU, mean ± std (n) over seeds (points)

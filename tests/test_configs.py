@@ -92,3 +92,13 @@ def test_paper_recipes_state_the_reference_layout_and_train_in_fp32(hydra_ctx, n
     expected = next((v for prefix, v in layouts.items() if name.startswith(prefix)), (4, 2))
     assert (ref.gpus, ref.per_gpu) == expected and ref.gpus * ref.per_gpu == cfg.train.batch_size
     assert cfg.train.precision == "fp32" and cfg.hl.scope == "reference"
+
+
+def test_each_paper_number_has_one_place_the_suite_cell():
+    # Experiment files name their parts; the paper's numbers live in the suite that is the paper's table.
+    assert not [n for n in EXPERIMENT_NAMES
+                if OmegaConf.load(EXPERIMENTS / "experiment" / f"{n}.yaml").get("paper") is not None]
+    cells = [e for s in SUITE_NAMES for e in (load_suite(s).experiments if load_suite(s).get("cells") else [])]
+    assert len(cells) == len(set(cells))  # no experiment fills two cells
+    paper_settings = [n for n in EXPERIMENT_NAMES if not n.startswith(CPU_STUDIES)]
+    assert sorted(cells) == sorted(paper_settings)

@@ -112,7 +112,8 @@ ON_NOTHING = {"hl_analysis": ["0 run(s)", "no HL-map panels", "no per-class Δ"]
               "hl_maps": ["0 run(s)", "no panels", "no per-class hardness", "no per-kind hardness"],
               "hl_stability": ["0 HL run(s)", "no stability numbers", "no stability curves", "no snapshot grid"],
               "semisup": ["0 run(s)", "no method × split table", "nothing to compare", "no chart"],
-              "paper_tables": ["0 run(s)", "no tables", "no final / best table", "HLBENCH_LOGS is not a folder"]}
+              "paper_tables": ["0 run(s)", "no tables", "no paper-shaped table", "no final / best table",
+                               "HLBENCH_LOGS is not a folder"]}
 
 
 def test_every_notebook_is_checked():

@@ -1,0 +1,51 @@
+"""Each suite's paper table from our runs, in the paper's shape.
+
+The shape comes from the suite file (experiments/suites/<suite>.yaml): its cells say which experiment fills which
+row × column and hold the paper's number. Each cell here is ours, mean ± std (n) over seeds in points, beside the
+paper's: "79.8 ± 0.3 (3) | 80.65". A table shows one evaluation, named in its columns' axis:
+  final           the last iteration's (what the mmseg tables report);
+  best            the best periodic evaluation's;
+  reference rule  the semi-supervised references' selected checkpoint, re-scored where another protocol selected
+                  it (hlbench.report.reference_rule_miou).
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis.tables import aggregate, format_mean_std
+
+SHOWS = {"final": "final.mIoU", "best": "best.mIoU", "reference rule": "reference_rule.mIoU"}
+
+
+def _numeric(runs: pd.DataFrame, name: str) -> pd.Series:
+    return pd.to_numeric(runs[name], errors="coerce") if name in runs.columns else pd.Series(float("nan"),
+                                                                                                 index=runs.index)
+
+
+def suite_table(runs: pd.DataFrame, suite: str, shows: str = "final") -> pd.DataFrame:
+    """Rows × columns of the suite's cells as "ours | paper" strings: ours is empty where a cell has no run yet,
+    the paper's "–" where it has no number. `runs` is analysis.load_runs() output; only runs of the suite's
+    experiments count."""
+    from hlbench.run import load_suite, suite_cards
+
+    if shows not in SHOWS:
+        raise KeyError(f"suite_table: shows={shows!r}; expected one of {list(SHOWS)}")
+    spec = load_suite(suite)
+    cards = suite_cards(spec)
+    if not cards:
+        raise KeyError(f"suite {suite!r} lists experiments but no cells: it is not a paper table")
+    runs = runs[runs["experiment"].isin(cards)].copy()
+    runs["reference_rule.mIoU"] = _numeric(runs, "best.rescored.mIoU").fillna(_numeric(runs, "best.mIoU"))
+    metric = SHOWS[shows]
+    ours = {}
+    if not runs.empty:
+        cells = format_mean_std(aggregate(runs, by=["experiment"], metrics=[metric]))
+        ours = dict(zip(cells["experiment"], cells[metric]))
+    rows = list(dict.fromkeys(card["row"] for card in cards.values()))
+    columns = list(spec.get("columns") or dict.fromkeys(card["column"] for card in cards.values()))
+    table = pd.DataFrame("", index=pd.Index(rows, name="row"), columns=pd.Index(columns, name=shows))
+    for experiment, card in cards.items():
+        paper = "–" if card.get("value") is None else f"{card['value']:g}"
+        table.loc[card["row"], card["column"]] = f"{ours.get(experiment, '')} | {paper}"
+    table.attrs["title"] = f"{spec.get('table', suite)} (ours: {shows}, mean ± std (n) | paper)"
+    return table
