@@ -128,6 +128,21 @@ _FLOPS: dict[tuple, int] = {}
 _MEMORY: dict[tuple, float] = {}
 
 
+def _timed_step(step, loss_fn) -> float:
+    """Seconds of one training step of `step` (a TrainStep or PeerStep): `loss_fn()` under its setup, backward,
+    optimiser step, with the device synchronised at both ends."""
+    step.setup.apply(step.device)
+    _sync(step.device)
+    t0 = time.perf_counter()
+    step.optimizer.zero_grad(set_to_none=True)
+    with autocast(step.device, step.setup.autocast_precision):
+        loss = loss_fn()
+    loss.backward()
+    step.optimizer.step()
+    _sync(step.device)
+    return time.perf_counter() - t0
+
+
 class TrainStep:
     """One model config's training step (the method's step, backward, optimiser step) on fixed random data;
     calling it runs and times one step (seconds). `flops` is the step's count, from the same code on a copy."""
@@ -167,16 +182,7 @@ class TrainStep:
         return _MEMORY[key]
 
     def __call__(self) -> float:
-        self.setup.apply(self.device)
-        _sync(self.device)
-        t0 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.setup.autocast_precision):
-            loss, _ = self.method.step(self.train_model, {"labeled": self.data}, 0)
-        loss.backward()
-        self.optimizer.step()
-        _sync(self.device)
-        return time.perf_counter() - t0
+        return _timed_step(self, lambda: self.method.step(self.train_model, {"labeled": self.data}, 0)[0])
 
 
 class PeerStep:
@@ -215,16 +221,7 @@ class PeerStep:
                 + 0.5 * F.cross_entropy(out["aux"], data["label"], ignore_index=IGNORE_INDEX))
 
     def __call__(self) -> float:
-        self.setup.apply(self.device)
-        _sync(self.device)
-        t0 = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device, self.setup.autocast_precision):
-            loss = self._loss(self.train_model, self.data)
-        loss.backward()
-        self.optimizer.step()
-        _sync(self.device)
-        return time.perf_counter() - t0
+        return _timed_step(self, lambda: self._loss(self.train_model, self.data))
 
 
 def time_steps(steps: dict, warmup: int, iters: int, device: torch.device) -> dict[str, dict]:
@@ -378,7 +375,8 @@ def measure_components(group: Group, ctx) -> list[dict]:
     parts = {"backbone": part("backbone", True), "decode_head": part("decode_head", True),
              "auxiliary_head": part("auxiliary_head", True), "hl_head": part("hl_head", False)}
     parts = {k: v for k, v in parts.items() if k == "backbone" or getattr(model, k) is not None}
-    copy_img, copy_feats = img.to(counting), tuple(f.to(counting) for f in feats)
+    # The count runs without autocast: fp32 copies of bf16 features (FLOPs do not depend on the dtype).
+    copy_img, copy_feats = img.float().to(counting), tuple(f.float().to(counting) for f in feats)
 
     def timer(run):
         def call():

@@ -1,8 +1,11 @@
 """Shared fixtures: compose real configs through Hydra's compose API, shrunk for CPU tests, W&B off."""
 import json
 import os
+import socket
 import subprocess
 import sys
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,25 @@ def offline_records(offline_dir) -> list[dict]:
     res = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(offline_dir)],
                          capture_output=True, text=True, timeout=120, check=True)
     return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """This spawned process as `rank` of a gloo group of `world` on localhost, one thread, for the block."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    # A bounded timeout: a rank that dies before the rendezvous must not leave the others waiting 30 minutes.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

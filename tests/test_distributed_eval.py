@@ -2,18 +2,17 @@
 the single-process confusion matrix, metrics and HL-map AUROC."""
 import multiprocessing as mp
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
+
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from hlbench.data import build_datasets
 from hlbench.engine.evaluator import evaluate
 from hlbench.models import build_model
+from tests.conftest import free_port, gloo_group
 
 WORLD = 2
 VAL_IMAGES = 5  # rank 0 scores images 0, 2, 4 and rank 1 images 1, 3
@@ -38,21 +37,10 @@ def _evaluate(plain: dict) -> dict:
 
 
 def _worker(rank, port, plain, out_file):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
-    try:
+    with gloo_group(rank, WORLD, port):
         result = _evaluate(plain)
         if rank == 0:
             torch.save(result, out_file)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -65,7 +53,7 @@ def test_two_gloo_processes_with_an_uneven_split_give_the_single_process_result(
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         mp.get_context("forkserver").set_forkserver_preload(["torch.distributed", "hydra", evaluate.__module__])
-        torch.multiprocessing.start_processes(_worker, args=(_free_port(), plain, str(out_file)), nprocs=WORLD,
+        torch.multiprocessing.start_processes(_worker, args=(free_port(), plain, str(out_file)), nprocs=WORLD,
                                               join=True, start_method="forkserver")
     finally:
         if threads is None:

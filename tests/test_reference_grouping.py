@@ -5,12 +5,9 @@ averages the 4 GPUs' gradients; LabelledLoss emulates that by grouping a device 
 Here 4 gloo processes are the reference and one process with 8 images must give the same gradients and logs.
 """
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,6 +18,7 @@ from omegaconf import OmegaConf
 from hlbench.engine.distributed import all_reduce_mean
 from hlbench.losses import ohem_keep_mask
 from hlbench.methods.labelled_loss import LabelledLoss, reference_group
+from tests.conftest import free_port, gloo_group
 
 GPUS, PER_GPU = 4, 2
 CLASSES, SIZE = 5, 32
@@ -112,11 +110,7 @@ def _single(cfg, per_device=GPUS * PER_GPU):
 
 
 def _ddp_worker(rank, port, cases, out_file):
-    torch.set_num_threads(1)
-    # A bounded timeout: a rank that dies before the rendezvous must not leave the others waiting 30 minutes.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=GPUS,
-                            timeout=timedelta(seconds=120))
-    try:
+    with gloo_group(rank, GPUS, port):
         imgs, labels = _data()
         mine = slice(PER_GPU * rank, PER_GPU * (rank + 1))
         results = {}
@@ -128,14 +122,6 @@ def _ddp_worker(rank, port, cases, out_file):
             results[name] = {"grads": _grads(model.module), "logs": all_reduce_mean(logs)}
         if rank == 0:
             torch.save(results, out_file)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +136,7 @@ def reference_run(tmp_path_factory):
         # each on 2 cores) and forks them from a clean single-threaded process, which plain fork would not be.
         # Only installed modules: Python 3.11's fork server does not get the parent's sys.path (tests/).
         mp.get_context("forkserver").set_forkserver_preload(["torch.distributed", "hydra", LabelledLoss.__module__])
-        mp.start_processes(_ddp_worker, args=(_free_port(), cases, str(out_file)), nprocs=GPUS, join=True,
+        mp.start_processes(_ddp_worker, args=(free_port(), cases, str(out_file)), nprocs=GPUS, join=True,
                            start_method="forkserver")
     finally:
         if threads is None:
