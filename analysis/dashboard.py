@@ -46,7 +46,7 @@ def _suite_title(suite, group: str) -> str:
     """The suite file's table title (experiments/suites/<suite>.yaml), else the group's name."""
     if not isinstance(suite, str):
         return group
-    from hlbench.run import suite_file
+    from hlbench.suites import suite_file
     try:
         return f"{read_yaml(suite_file(suite)).get('table') or suite} ({group})"
     except (ConfigError, FileNotFoundError):

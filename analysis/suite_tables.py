@@ -26,7 +26,7 @@ def suite_table(runs: pd.DataFrame, suite: str, shows: str = "final") -> pd.Data
     """Rows × columns of the suite's cells as "ours | paper" strings: ours is empty where a cell has no run yet,
     the paper's "–" where it has no number. `runs` is analysis.load_runs() output; only runs of the suite's
     experiments count."""
-    from hlbench.run import load_suite, suite_cards
+    from hlbench.suites import load_suite, suite_cards
 
     if shows not in SHOWS:
         raise KeyError(f"suite_table: shows={shows!r}; expected one of {list(SHOWS)}")

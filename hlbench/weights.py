@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from .errors import ConfigError
 from .paths import experiments_dir
+from .suites import load_suite
 
 NONE = "none"
 OPENMMLAB_BASE_URL = "https://download.openmmlab.com/pretrain/third_party/"
@@ -126,8 +126,7 @@ def _suite_experiments(suite: str | None) -> dict[str, list[str]]:
     if suite is not None and suite not in suites:
         raise ConfigError(f"--suite {suite}: no file {experiments_dir() / 'suites' / (suite + '.yaml')}; "
                           f"known suites: {', '.join(suites)}")
-    return {s: list(OmegaConf.load(experiments_dir() / "suites" / f"{s}.yaml").get("experiments") or [])
-            for s in ([suite] if suite else suites)}
+    return {s: list(load_suite(s).experiments) for s in ([suite] if suite else suites)}
 
 
 def needed_weights(suite: str | None = None) -> dict[str, dict[str, list[str]]]:

@@ -42,7 +42,7 @@ import seaborn as sns
 from analysis import aggregate, format_mean_std, format_table, load_runs
 from analysis.semisup import read_summaries
 from analysis.suite_tables import suite_table
-from hlbench.run import load_suite
+from hlbench.suites import load_suite
 from hlbench.report import comparison_table
 
 runs = load_runs(RUNS) if Path(RUNS).is_dir() else pd.DataFrame(columns=["run_dir", "experiment", "suite", "seed"])

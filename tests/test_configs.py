@@ -6,7 +6,7 @@ from hydra import compose
 from omegaconf import OmegaConf
 
 from hlbench.config_checks import check_config
-from hlbench.run import load_suite
+from hlbench.suites import load_suite
 from tests.conftest import EXPERIMENTS
 
 CONF = Path(__file__).resolve().parents[1] / "hlbench" / "conf"

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from hlbench.run import run, run_experiment
+from hlbench.suites import load_suite
 from tests.conftest import REPO, TINY, compose_run
 
 pytestmark = pytest.mark.slow
@@ -178,7 +178,7 @@ def test_evaluation_cadence_does_not_change_training(hydra_ctx, tmp_path):
 def test_every_suite_dry_runs_with_profile_smoke(hydra_ctx, tmp_path, suite):
     cfg, choices, overrides = compose_run([f"suite={suite}", "profile=smoke", "logger=none"], tmp_path)
     summaries = run(cfg, choices, overrides)
-    listed = OmegaConf.load(REPO / "experiments/suites" / f"{suite}.yaml").experiments
+    listed = load_suite(suite).experiments
     # A study with seeds [0, 1, 2] runs each experiment once per seed; none is skipped or run twice.
     assert {s["experiment"] for s in summaries} == set(listed)
     assert len({(s["experiment"], s["seed"]) for s in summaries}) == len(summaries)

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from analysis.suite_tables import suite_table
-from hlbench.run import load_suite, paper_card
+from hlbench.suites import load_suite, paper_card
 
 
 def _runs(experiments, final, best):
