@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from hlbench.methods.strong_aug import half_area_box
-from hlbench.methods.u2pl import (U2PL, MemoryQueues, cutmix_with_next, drop_percentile, entropy_of, percentile,
-                                  resolve_flags, unsup_loss)
+from hlbench.methods.u2pl import (U2PL, MemoryQueues, cutmix_with_next, drop_percentile, entropy_of, iters_per_epoch,
+                                  percentile, resolve_flags, unsup_loss)
 
 
 def test_half_area_box_covers_half_the_image():
@@ -57,6 +57,18 @@ def test_unsup_loss_drops_the_high_entropy_pixels_and_rescales():
 def test_drop_schedule_follows_the_epoch():
     # 20 (1 - t/T) % of the pixels are dropped: 20 % at t = 0, 10 % half-way, none at the end.
     assert [drop_percentile(80, t / 200) for t in (0, 100, 200)] == [80, 90, 100]
+
+
+@pytest.mark.parametrize("total, epochs", [(300, 30), (40, 30), (301, 30), (7, 30)])
+def test_every_iteration_falls_inside_the_epoch_schedule(total, epochs):
+    # An uneven run (40 iterations over 30 epochs) once put its last iterations in epoch 39: t/T > 1 and a
+    # dropping percentile above 100 that torch.quantile refused.
+    ipe = iters_per_epoch(total, epochs)
+    last_epoch = (total - 1) // ipe
+    assert last_epoch < epochs
+    assert 0 <= drop_percentile(80, last_epoch / epochs) <= 100
+    if total % epochs == 0:
+        assert ipe == total // epochs  # even runs keep the reference's epoch length
 
 
 def test_entropy_of_uniform_and_one_hot():

@@ -17,6 +17,7 @@ config); every flag can be overridden on its own.
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.distributed as dist
@@ -53,6 +54,12 @@ def entropy_of(prob: torch.Tensor) -> torch.Tensor:
 def percentile(values: torch.Tensor, q: float) -> torch.Tensor:
     """numpy.percentile(values, q) (linear interpolation), as the reference computes its thresholds."""
     return torch.quantile(values.float().flatten(), q / 100)
+
+
+def iters_per_epoch(total_iters: int, epochs: int) -> int:
+    """Iterations per reference epoch, rounded up so that every iteration of the run falls in epochs 0 .. T-1 (the
+    reference's epoch never reaches T; a floor would put the last iterations of an uneven run past the schedule)."""
+    return max(1, math.ceil(total_iters / epochs))
 
 
 def drop_percentile(drop_percent: float, t_frac: float) -> float:
@@ -151,7 +158,7 @@ class U2PL(Method):
         if plan.per_device["labeled"] // self.group_l != plan.per_device["unlabeled"] // self.group_u:
             raise ValueError(f"U2PL pairs each reference GPU's labeled and unlabeled images: per-device batches "
                              f"{plan.per_device} do not split into the same number of reference GPU batches")
-        self.iters_per_epoch = max(1, int(self.cfg.train.iters) // self.epochs)
+        self.iters_per_epoch = iters_per_epoch(int(self.cfg.train.iters), self.epochs)
         # The teacher is a second network; its BN buffers come from its own forwards, never from the student.
         self.teacher = copy.deepcopy(model)
         for p in self.teacher.parameters():
@@ -349,5 +356,5 @@ class U2PL(Method):
         self.queues.load_state_dict(state["queues"])
 
 
-__all__ = ["U2PL", "MemoryQueues", "cutmix_with_next", "drop_percentile", "entropy_of", "percentile", "resolve_flags",
-           "unsup_loss"]
+__all__ = ["U2PL", "MemoryQueues", "cutmix_with_next", "drop_percentile", "entropy_of", "iters_per_epoch", "percentile",
+           "resolve_flags", "unsup_loss"]
