@@ -63,8 +63,9 @@ def test_drop_schedule_follows_the_epoch():
 def test_every_iteration_falls_inside_the_epoch_schedule(total, epochs):
     # An uneven run (40 iterations over 30 epochs) once put its last iterations in epoch 39: t/T > 1 and a
     # dropping percentile above 100 that torch.quantile refused.
-    ipe = iters_per_epoch(total, epochs)
-    last_epoch = (total - 1) // ipe
+    m = U2PL.__new__(U2PL)
+    m.iters_per_epoch = ipe = iters_per_epoch(total, epochs)
+    last_epoch = m.epoch_of(total - 1)  # the trainer's last 0-based iteration
     assert last_epoch < epochs
     assert 0 <= drop_percentile(80, last_epoch / epochs) <= 100
     if total % epochs == 0:
