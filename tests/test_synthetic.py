@@ -130,6 +130,31 @@ def test_train_items_are_reproducible_given_the_torch_seed():
     assert not torch.equal(a["img"], other[0]["img"])
 
 
+@pytest.mark.parametrize("name", ["synthetic", "synthetic_semisup"])
+def test_pregenerated_scenes_give_the_items_drawn_on_access(name):
+    cfg = OmegaConf.load(CONFIG.with_name(f"{name}.yaml"))
+    cfg.train.num_images, cfg.val.num_images, cfg.val.size = 8, 2, [64, 96]
+    lazy, drawn = (build_datasets(OmegaConf.merge(cfg, {"pregenerate": flag}), seed=0) for flag in (False, True))
+    assert lazy["train"].drawn is None and drawn["train"].drawn is not None
+    for split in drawn:
+        for i in range(len(drawn[split])):
+            torch.manual_seed(i)
+            a = lazy[split][i]
+            torch.manual_seed(i)
+            b = drawn[split][i]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+def test_a_transform_writing_into_a_pregenerated_scene_leaves_the_stored_scene_as_drawn():
+    def scribble(sample, rng):
+        sample["img"][:] = 0
+        return sample
+
+    streets = SyntheticStreets("val", 2, size=(64, 96), transform=scribble, pregenerate=True)
+    streets[0]
+    assert np.array_equal(streets.drawn[0][0], generate_scene((64, 96), 0, "val", 0)[0])
+
+
 def test_dataloader_workers_reproduce_batches_given_the_loader_generator():
     dataset = build_datasets(small_config(), seed=0)["train"]
 
