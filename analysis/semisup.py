@@ -45,6 +45,23 @@ def methods_by_split(runs: pd.DataFrame, rule: str = "reference rule") -> pd.Dat
     return table.fillna("").rename_axis(index="method", columns="split")
 
 
+def methods_by_class(runs: pd.DataFrame, column: str | None = None, entry: str = "final") -> pd.DataFrame:
+    """Method × class table of mean IoU over seeds (points) at `entry` ("final" or "best"), for the runs of one
+    split column (the only one when None): where a method gains or loses against SupOnly, class by class."""
+    runs = semisup_runs(runs)
+    columns = list(dict.fromkeys(runs["column"]))
+    if column is None and len(columns) > 1:
+        raise ValueError(f"methods_by_class: the runs cover splits {columns}; name one with column=")
+    runs = runs if column is None else runs[runs["column"] == column]
+    prefix = f"{entry}.IoU."
+    classes = [c for c in runs.columns if c.startswith(prefix) and runs[c].notna().any()]
+    if runs.empty or not classes:
+        return pd.DataFrame(index=pd.Index([], name="method"))
+    values = runs[classes].apply(pd.to_numeric, errors="coerce").mul(100)
+    table = values.groupby(runs["row"], sort=False).mean().round(1)
+    return table.rename(columns=lambda c: c[len(prefix):]).rename_axis(index="method", columns="class")
+
+
 def read_summaries(root, suite: str | None = None) -> list[dict]:
     """summary.json of every run folder below `root` (of `suite` only, when given), with run_dir added: the input
     of hlbench.report's tables."""

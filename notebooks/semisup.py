@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -33,7 +35,7 @@ import pandas as pd
 import seaborn as sns
 
 from analysis import format_table, load_runs
-from analysis.semisup import RULES, methods_by_split, read_summaries, semisup_runs
+from analysis.semisup import RULES, methods_by_class, methods_by_split, read_summaries, semisup_runs
 from hlbench.report import methods_by_split_table
 
 runs = load_runs(RUNS) if Path(RUNS).is_dir() else pd.DataFrame(columns=["run_dir", "experiment", "seed"])
@@ -67,3 +69,11 @@ else:
     plot = semi.assign(mIoU=100 * pd.to_numeric(semi["final.mIoU"], errors="coerce"))
     grid = sns.catplot(data=plot, kind="bar", x="column", y="mIoU", hue="row", errorbar="sd", height=3.5, aspect=1.6)
     grid.set_axis_labels("split", "final mIoU (points)")
+
+# %% [markdown]
+# ## Where each method gains or loses: IoU per class, last iteration (mean over seeds, points), per split
+
+# %%
+for column in dict.fromkeys(semi["column"]) if not semi.empty else []:
+    print(f"split {column}:")
+    print(format_table(methods_by_class(runs, column).reset_index()))

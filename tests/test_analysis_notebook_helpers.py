@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from analysis.hl_maps import class_hardness, kind_hardness, snapshot_at, snapshot_figure, snapshot_grid
-from analysis.semisup import methods_by_split, semisup_runs
+from analysis.semisup import methods_by_class, methods_by_split, semisup_runs
 
 CLASSES = ["road", "pole"]
 BITS = {"thin": 1, "confusable": 8}
@@ -115,6 +115,17 @@ def test_methods_by_split_uses_cards_and_the_reference_rule():
     assert methods_by_split(runs, "last iteration").loc["U2PL", "1/4"] == "60.0 ± 0.0 (2)"
     with pytest.raises(KeyError, match="rule"):
         methods_by_split(runs, "best")
+
+
+def test_methods_by_class_averages_each_class_over_seeds_per_method():
+    rows = [{"experiment": e, "seed": seed, "split.source": "seeded(0.125, 0)", "final.IoU.car": car + seed / 10,
+             "final.IoU.road": 0.9, "final.IoU.sky": None}
+            for e, car in (("suponly", 0.2), ("u2pl", 0.0)) for seed in (0, 1)]
+    table = methods_by_class(pd.DataFrame(rows))
+    assert table.index.tolist() == ["suponly", "u2pl"] and table.columns.tolist() == ["car", "road"]
+    assert table.loc["suponly", "car"] == 25.0 and table.loc["u2pl", "car"] == 5.0 and table.loc["u2pl", "road"] == 90
+    with pytest.raises(ValueError, match="name one with column="):
+        methods_by_class(_semisup_rows())  # two splits: which one is not guessed
 
 
 def test_runs_without_cards_fall_back_to_experiment_and_split_source():
