@@ -200,7 +200,7 @@ def test_synthetic_semisup_returns_labeled_unlabeled_and_val(hydra_ctx):
     labeled_scenes, unlabeled_scenes = sets["train"].scenes, sets["unlabeled"].scenes
     assert sorted(labeled_scenes + unlabeled_scenes) == list(range(16))
     item = sets["unlabeled"][0]
-    assert set(item) == {"img", "pad", "img_hw", "index"} and item["img"].shape == (3, 128, 128)
+    assert set(item) == {"img", "pad", "img_hw", "index"} and item["img"].shape == (3, *cfg.train_pipeline.crop)
     assert set(sets["train"][0]) == {"img", "label", "hard", "img_hw", "index"}
     cfg.split = "u2pl/1_8"
     cfg.split_fraction = None
