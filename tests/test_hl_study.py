@@ -1,8 +1,11 @@
 """analysis.hl_study: top-fraction overlap, stability curves vs the final snapshot, per-kind AUROC, strata."""
+import math
+
 import numpy as np
 import pytest
+import torch
 
-from analysis.hl_study import _Stratum, stability_curves, stability_summary, study_tables, top_overlap
+from analysis.hl_study import _Stratum, stability_curves, stability_summary, stratum_miou, study_tables, top_overlap
 from hlbench.labels import IGNORE_INDEX
 from tests.conftest import TINY, compose_run
 
@@ -79,6 +82,14 @@ def test_stratum_keeps_only_its_pixels():
     assert items.sample["label"].tolist() == [[0, 1], [1, 255]]  # the wrapped data set's sample is not modified
 
 
+def test_stratum_miou_skips_classes_without_truth_in_the_stratum():
+    confusion = torch.tensor([[10, 0, 1],   # truth 0: 10 right, 1 predicted as class 2
+                              [0, 5, 0],
+                              [0, 0, 0]])   # class 2 has no pixel in this stratum, only the stray prediction
+    assert stratum_miou(confusion) == pytest.approx((10 / 11 + 1.0) / 2)
+    assert math.isnan(stratum_miou(torch.zeros(3, 3)))
+
+
 @pytest.mark.slow
 def test_study_tables_from_real_runs(hydra_ctx, tmp_path):
     from hlbench.run import run
@@ -87,8 +98,9 @@ def test_study_tables_from_real_runs(hydra_ctx, tmp_path):
     run(cfg, choices, overrides)
     tables = study_tables(tmp_path / "smoke")
     assert tables["accuracy"]["row"].tolist() == ["HL", "baseline"]
+    assert tables["classes"].columns.tolist() == ["row", *cfg.data.report_classes]  # the data config's thin/small
     for stratum in ("none", "thin", "small", "boundary", "confusable"):
-        assert f"stratum.{stratum}.acc" in tables["accuracy"].columns
+        assert f"stratum.{stratum}.acc" in tables["strata"].columns
     runs = tables["runs"]
     assert ((runs.filter(like="stratum.").to_numpy() >= 0) & (runs.filter(like="stratum.").to_numpy() <= 1)).all()
     assert tables["stability"]["signal"].tolist() == ["hl", "loss"]  # from the HL run's two snapshots
