@@ -8,17 +8,36 @@ from hlbench.methods import LabelledLoss
 from hlbench.models import build_model
 
 
+SMALL = ["model.backbone.pretrained=none", "model.backbone.depth=18", "model.backbone.width_mult=0.25",
+         "model.head.channels=32"]
+
+
 def test_light_head_narrows_only_the_hl_copy(hydra_ctx):
-    cfg = compose("config", overrides=["model=deeplabv3plus_r50", "model.backbone.pretrained=none",
-                                       "model.backbone.depth=18", "model.backbone.width_mult=0.25",
-                                       "model.head.channels=32", "hl.head_channels=8"])
+    cfg = compose("config", overrides=["model=deeplabv3plus_r50", *SMALL, "hl.head_channels=8"])
     model = build_model(cfg.model, num_classes=5, hl=True, hl_head_channels=cfg.hl.head_channels).train()
     assert model.decode_head.channels == 32 and model.hl_head.channels == 8
-    assert type(model.hl_head) is type(model.decode_head) and model.hl_head.c1_bottleneck.conv.out_channels == 48
+    assert type(model.hl_head.head) is type(model.decode_head) and model.hl_head.head.c1_bottleneck.conv.out_channels == 48
+    # Stages 16/32/64/128 wide: the skip (stage 0) and the ASPP input (stage 3) are projected to 8, so the ASPP's
+    # depthwise convs work on 8 channels, not on the backbone's 128.
+    assert [type(p).__name__ for p in model.hl_head.project] == ["ConvBNReLU", "Identity", "Identity", "ConvBNReLU"]
+    aspp = [m for m in model.hl_head.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.dilation[0] > 1]
+    assert len(aspp) == 3 and all(m.in_channels == 8 for m in aspp)  # the three dilated depthwise convs
     out = model(torch.randn(2, 3, 64, 64))
     assert out["hl"].shape[1] == 1 and out["out"].shape[1] == 5
+    assert model.eval().predict_hl(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     narrow = sum(p.numel() for p in model.hl_head.parameters())
     assert narrow < sum(p.numel() for p in model.decode_head.parameters()) / 3
+
+
+@pytest.mark.parametrize("name, read", [("pspnet_r50", {3}), ("upernet_r50", {0, 1, 2, 3}), ("fcn_r101", {3}),
+                                        ("deeplabv3_r101", {3}), ("ocrnet_r101", {2, 3})])  # OCR: stage 0 reads 2
+def test_light_head_reads_projected_stages_for_every_head_type(hydra_ctx, name, read):
+    cfg = compose("config", overrides=[f"model={name}", *SMALL, "hl.head_channels=4"])
+    model = build_model(cfg.model, num_classes=3, hl=True, hl_head_channels=cfg.hl.head_channels).train()
+    assert {i for i, p in enumerate(model.hl_head.project) if not isinstance(p, torch.nn.Identity)} == read
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out["hl"].shape == (2, 1, *out["out"].shape[2:])
+    assert model.eval().predict_hl(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
 
 
 def test_head_channels_is_checked_and_makes_the_variant_custom(hydra_ctx):

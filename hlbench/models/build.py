@@ -5,8 +5,8 @@ import inspect
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, DepthwiseSeparableASPPHead, FCNHead, OCRHead,
-                                  PSPHead, UPerHead)
+from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, ConvBNReLU, DepthwiseSeparableASPPHead,
+                                  FCNHead, OCRHead, ProjectedHead, PSPHead, UPerHead)
 from hlbench.models.pretrained import load_pretrained
 from hlbench.models.resnet import ResNetV1c, ResNetV1s, TorchvisionResNet
 from hlbench.models.segmentor import CascadeSegmentor, Segmentor
@@ -57,14 +57,26 @@ def _build_head(cfg, stage_channels, num_classes, align_corners, section="head")
     return _construct(cls, section, options, **derived)
 
 
+def _stages_read(head_cfgs, num_stages) -> set[int]:
+    """Indices of the backbone stages that heads with these configs read (in_index, and c1_in_index for a skip)."""
+    read = set()
+    for cfg in head_cfgs:
+        index = cfg.get("in_index", -1)
+        read.update(index if isinstance(index, list) else [index])
+        if _lookup(HEADS, cfg, "head") in C1_HEADS:
+            read.add(cfg.get("c1_in_index", 0))
+    return {i % num_stages for i in read}
+
+
 def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_dir=None, hl_head_channels=None):
     """Segmentor from a model config; hl=True adds the HL head, a fresh copy of the decode head with one output.
 
     Args:
         model_cfg: dict/DictConfig with backbone, head, aux and align_corners (see hlbench/conf/model/).
         weights_dir: the folder where a bare `backbone.pretrained` file name is looked up (hlbench.weights).
-        hl_head_channels: the HL copy's `channels` (hl.head_channels); None keeps the decode head's, as the
-            authors do. Fewer channels make a light HL head: at OS8 the head's cost grows with its channels.
+        hl_head_channels: N makes the light HL head (hl.head_channels): the copy with N channels, reading the
+            backbone stages it uses through 1×1 projections to N channels (ProjectedHead). None keeps the decode
+            head's exact copy, as the authors do.
     """
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     for key in ("backbone", "head"):
@@ -87,13 +99,13 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_
         raise ValueError(f"model.head.stage0 is required exactly for the cascade head types "
                          f"{sorted(k for k, v in HEADS.items() if v in CASCADE_HEADS)}")
 
-    def decode(n_out, cfg=head_cfg):
-        head = _build_head(cfg, channels, n_out, align_corners)
+    def decode(n_out, cfg=head_cfg, stage_channels=channels):
+        head = _build_head(cfg, stage_channels, n_out, align_corners)
         if not stage0_cfg:
             return head
         # The HL copy keeps stage 0 at num_classes outputs, the soft object regions its stage 1 gathers over
         # (authors' hl_cascade_encoder_decoder.py).
-        return CascadeHead([_build_head(stage0_cfg, channels, num_classes, align_corners, "head.stage0"), head])
+        return CascadeHead([_build_head(stage0_cfg, stage_channels, num_classes, align_corners, "head.stage0"), head])
 
     decode_head = decode(num_classes)
     aux_cfg = dict(cfg.get("aux") or {})
@@ -105,8 +117,15 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_
     # the aux head is not copied. A cascade copies every stage. U2PL's representation head is not part of the
     # segmentation path either, so the copy goes without it (semisup.md §5).
     hl_cfg = {**head_cfg, "rep_channels": 0} if "rep_channels" in head_cfg else head_cfg
-    if hl_head_channels is not None:
-        hl_cfg = {**hl_cfg, "channels": int(hl_head_channels)}
-    hl_head = decode(1, hl_cfg) if hl else None
+    hl_head = None
+    if hl and hl_head_channels is None:
+        hl_head = decode(1, hl_cfg)
+    elif hl:  # the light head: the copy at N channels, on the stages it reads projected to N
+        n = int(hl_head_channels)
+        read = _stages_read([hl_cfg, *([stage0_cfg] if stage0_cfg else [])], len(channels))
+        project = nn.ModuleList(ConvBNReLU(c, n) if i in read and c > n else nn.Identity()
+                                for i, c in enumerate(channels))
+        narrow = [n if isinstance(p, ConvBNReLU) else c for p, c in zip(project, channels)]
+        hl_head = ProjectedHead(project, decode(1, {**hl_cfg, "channels": n}, narrow))
     segmentor = CascadeSegmentor if stage0_cfg else Segmentor
     return segmentor(backbone, decode_head, auxiliary_head, hl_head, align_corners, detach_hl_features)

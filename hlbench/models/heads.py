@@ -326,6 +326,30 @@ class OCRHead(DecodeHead):
         return self.classify(self.object_context_block(feats, context))
 
 
+class ProjectedHead(nn.Module):
+    """A head that reads 1×1-projected backbone stages: the light HL head (hl.head_channels).
+
+    `project[i]` narrows stage i to the head's width (a ConvBNReLU), or passes it on (Identity) where the head does
+    not read it or it is already as narrow. Narrowing the head's `channels` alone would leave the work it does on
+    the wide backbone output: DeepLabV3+'s depthwise ASPP convs with their BN + ReLU on 2048 channels, PSPNet's
+    3×3 bottleneck over 2048 + 4N inputs. Those are most of a 64-channel copy's time (docs/benchmarks.md)."""
+
+    def __init__(self, project: nn.ModuleList, head: nn.Module):
+        super().__init__()
+        self.project, self.head = project, head
+
+    @property
+    def num_classes(self):
+        return self.head.num_classes
+
+    @property
+    def channels(self):
+        return self.head.channels
+
+    def forward(self, inputs):
+        return self.head([p(x) for p, x in zip(self.project, inputs)])
+
+
 class CascadeHead(nn.ModuleList):
     """mmseg CascadeEncoderDecoder's `decode_head` list (keys `0.*`, `1.*`): each stage after the first also
     reads the previous stage's logits; calling it returns the last stage's logits."""
