@@ -1,4 +1,5 @@
-"""hl.head_channels: a light HL head (the decode head's copy with fewer channels), checked and tagged as custom."""
+"""hl.head_channels: a light HL head (the decode head's copy at fewer channels on projected inputs), checked and
+tagged as custom."""
 import pytest
 import torch
 from hydra import compose
@@ -16,11 +17,12 @@ def test_light_head_narrows_only_the_hl_copy(hydra_ctx):
     cfg = compose("config", overrides=["model=deeplabv3plus_r50", *SMALL, "hl.head_channels=8"])
     model = build_model(cfg.model, num_classes=5, hl=True, hl_head_channels=cfg.hl.head_channels).train()
     assert model.decode_head.channels == 32 and model.hl_head.channels == 8
-    assert type(model.hl_head.head) is type(model.decode_head) and model.hl_head.head.c1_bottleneck.conv.out_channels == 48
+    head = model.hl_head.head
+    assert type(head) is type(model.decode_head) and head.c1_bottleneck.conv.out_channels == 48
     # Stages 16/32/64/128 wide: the skip (stage 0) and the ASPP input (stage 3) are projected to 8, so the ASPP's
     # depthwise convs work on 8 channels, not on the backbone's 128.
     assert [type(p).__name__ for p in model.hl_head.project] == ["ConvBNReLU", "Identity", "Identity", "ConvBNReLU"]
-    aspp = [m for m in model.hl_head.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.dilation[0] > 1]
+    aspp = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.dilation[0] > 1]
     assert len(aspp) == 3 and all(m.in_channels == 8 for m in aspp)  # the three dilated depthwise convs
     out = model(torch.randn(2, 3, 64, 64))
     assert out["hl"].shape[1] == 1 and out["out"].shape[1] == 5
