@@ -11,7 +11,7 @@ from .engine.precision import PRECISIONS
 from .hardness import IMAGE_REDUCTIONS
 from .losses import DENOMINATORS, LOSS_NAMES
 from .methods import METHODS
-from .methods.labelled_loss import AUX_LOSSES, HL_IGNORE_MODES, HL_OHEM_MODES, HL_SCOPES, HL_SEMISUP_TARGETS
+from .methods.labelled_loss import AUX_LOSSES, HL_IGNORE_MODES, HL_OHEM_MODES, HL_SCOPES
 
 __all__ = ["CHOICES", "ConfigError", "check_config"]
 
@@ -73,8 +73,10 @@ def check_config(cfg) -> None:
     if cfg.loss.focal_reference_bug and cfg.loss.name != "focal":
         raise ConfigError(f"loss.focal_reference_bug=true reproduces a bug of the authors' focal loss; it needs "
                           f"loss.name=focal, got {cfg.loss.name!r}")
-    if unknown := sorted(set(cfg.hl.semisup.apply_to) - set(HL_SEMISUP_TARGETS)):
-        raise ConfigError(f"hl.semisup.apply_to has {unknown}; expected any of {', '.join(HL_SEMISUP_TARGETS)}")
+    streams = METHODS[cfg.method.name].hl_streams
+    if unknown := sorted(set(cfg.hl.semisup.apply_to) - set(streams)):
+        raise ConfigError(f"hl.semisup.apply_to has {unknown}, which method={cfg.method.name} does not have; "
+                          f"expected any of {', '.join(streams)}")
     if cfg.hl.image_reduce == "sum" and cfg.hl.scope in ("reference", "batch"):
         # Summing per-GPU normalisers would scale the loss with the device layout.
         raise ConfigError(f"hl.image_reduce=sum is for hl.scope=image|group, got hl.scope={cfg.hl.scope}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..atomic_files import atomic_write
 from ..errors import ConfigError
@@ -23,19 +24,48 @@ def atomic_save(obj, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """This process's random generators: Python, NumPy, torch's CPU one and its own device's."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        if isinstance(state["cuda"], list):  # checkpoints before per-rank states held every device's
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def reseed(seed: int, rank: int, it: int) -> None:
+    """Seed every generator of this rank from (seed, rank, iteration): a resume whose saved per-rank states do not
+    fit the world size still gives each rank its own, reproducible stream."""
+    derived = int(np.random.SeedSequence([seed, rank, it]).generate_state(1)[0])
+    random.seed(derived)
+    np.random.seed(derived)
+    torch.manual_seed(derived)  # and every CUDA device's
+
+
+def rank_states(state: dict) -> list[dict]:
+    """A checkpoint's per-rank states, [{"rng", "buffers", "method"}] in rank order; a checkpoint written before
+    they were saved per rank holds rank 0's RNG only."""
+    return state["ranks"] if "ranks" in state else [{"rng": state["rng"], "buffers": None, "method": {}}]
+
+
+def gather_rank_states(state: dict, group) -> list[dict] | None:
+    """Every rank's `state` (CPU tensors) in rank order on rank 0, None on the others; [state] in one process
+    (group from distributed.host_group())."""
+    if group is None:
+        return [state]
+    gathered = [None] * dist.get_world_size(group) if dist.get_rank(group) == 0 else None
+    dist.gather_object(state, gathered, dst=0, group=group)
+    return gathered
 
 
 def _by_iteration(ckpt_dir: Path) -> list[tuple[int, Path]]:
@@ -50,7 +80,7 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[0][1] if found else None
 
 
-def latest_valid_state(ckpt_dir: Path, required=("model", "optimizer", "iter", "rng")) -> tuple[Path, dict] | None:
+def latest_valid_state(ckpt_dir: Path, required=("model", "optimizer", "iter")) -> tuple[Path, dict] | None:
     """(path, state) of the newest checkpoint that loads and holds the `required` keys, or None when there is none.
 
     A node that died mid-write or a copy cut short leaves an unreadable newest file; the one before it is used,
@@ -61,7 +91,7 @@ def latest_valid_state(ckpt_dir: Path, required=("model", "optimizer", "iter", "
     for _, path in _by_iteration(ckpt_dir):
         try:
             state = load_state(path)
-            if missing := [k for k in required if k not in state]:
+            if missing := [k for k in required if k not in state] + ([] if {"ranks", "rng"} & set(state) else ["ranks"]):
                 raise ValueError(f"{path}: a checkpoint without {missing}")
         except ValueError as err:
             bad.append((path, err))

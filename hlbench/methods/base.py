@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hlbench.errors import BadFileError, ConfigError
+
 
 @dataclass(frozen=True)
 class Stream:
@@ -33,9 +35,14 @@ class Method:
     """
 
     name = "method"
+    # The losses HL may weight (hl.semisup.apply_to), checked against the running method at start: "sup" is the
+    # labelled loss; a method adds its own streams.
+    hl_streams: tuple[str, ...] = ("sup",)
 
     def __init__(self, cfg):
         self.cfg = cfg
+        # Where HL enters this run's losses: none without an HL branch (L_h still trains it from the labelled loss).
+        self.hl_targets = set(cfg.hl.semisup.apply_to) if cfg.hl.enabled else set()
 
     def streams(self, datasets: dict) -> dict[str, Stream]:
         """{stream name: Stream} from the built data sets ({"train", "val"}); the first stream leads the plan."""
@@ -90,7 +97,15 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            raise ValueError(f"method {self.name!r} has no state, but the checkpoint holds {sorted(state)}")
+            raise BadFileError(f"method {self.name!r} has no state, but the checkpoint holds {sorted(state)}")
+
+    def rank_state_dict(self) -> dict:
+        """State that differs between processes (e.g. BatchNorm statistics of a network DDP does not wrap); every
+        rank's is saved, on CPU, and each rank restores its own when the world size is unchanged."""
+        return {}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        """This rank's `rank_state_dict()` from the checkpoint."""
 
 
 def resolve_behaviour_flags(method_cfg, behaviours: dict, choices: dict, method: str) -> dict:
@@ -98,14 +113,14 @@ def resolve_behaviour_flags(method_cfg, behaviours: dict, choices: dict, method:
     a ValueError naming the key for an unknown behaviour, flag or value (choices: flag -> allowed values)."""
     behaviour = method_cfg.behaviour
     if behaviour not in behaviours:
-        raise ValueError(f"method.behaviour={behaviour!r} is not valid; expected one of {', '.join(behaviours)}")
+        raise ConfigError(f"method.behaviour={behaviour!r} is not valid; expected one of {', '.join(behaviours)}")
     flags = dict(behaviours[behaviour])
     for key, value in (method_cfg.flags or {}).items():
         if key not in flags:
-            raise ValueError(f"method.flags.{key} is not a {method} flag; expected one of {', '.join(flags)}")
+            raise ConfigError(f"method.flags.{key} is not a {method} flag; expected one of {', '.join(flags)}")
         if value is not None:
             if key in choices and value not in choices[key]:
-                raise ValueError(f"method.flags.{key}={value!r} is not valid; expected one of "
-                                 f"{', '.join(choices[key])}")
+                raise ConfigError(f"method.flags.{key}={value!r} is not valid; expected one of "
+                                  f"{', '.join(choices[key])}")
             flags[key] = value
     return flags

@@ -1,5 +1,6 @@
-"""The loss of a labelled batch, which every method calls: the decode loss (HL-weighted when the model has an HL
-branch), a cascade's stage-0 loss and the auxiliary CE, logged under mmseg's keys.
+"""The loss of a labelled batch, which every method calls. It returns its terms apart (LabelledTerms): the decode
+loss (HL-weighted when HL enters the labelled loss) with a cascade's stage-0 loss, the auxiliary loss, and L_h, which
+trains the HL branch; each method adds them to its own terms where a reader sees it. Logged under mmseg's keys.
 
 Per-GPU scope. The authors ran 4 GPUs x 2 images (ADE20K 4 x 4): each GPU normalised H over its own batch and
 OHEM took its k-th probability over its own batch, and DDP averaged the GPUs' gradients. With another per-device
@@ -9,6 +10,7 @@ groups, so one GPU with 8 images reproduces 4 x 2 exactly (tests/test_reference_
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -26,8 +28,6 @@ AUX_LOSSES = ("ce", "prob_ohem")
 # With the references' OHEM (loss.name=prob_ohem): mask_then_normalise renormalises H over the kept pixels, so a
 # uniform H gives that OHEM exactly; replace puts HL on plain CE, as the fully supervised loss table does.
 HL_OHEM_MODES = ("mask_then_normalise", "replace")
-# The losses HL may weight in a semi-supervised method (hl.semisup.apply_to).
-HL_SEMISUP_TARGETS = ("sup", "u2pl.unsup", "unimatch.s1", "unimatch.s2", "unimatch.fp")
 # The authors' HL knobs (method.md §13) besides the normaliser's scope, which must equal their per-GPU batch.
 HL_REFERENCE = {"lam": 0.01, "offset": 0.1, "ignore": "keep", "detach_features": True, "weight_aux": False,
                 "lr_mult": 1.0, "head_channels": None}
@@ -48,20 +48,34 @@ def unlabeled_per_gpu(cfg) -> int:
     return max(1, int(cfg.train.reference.per_gpu) * int(cfg.method.unlabeled_batch) // int(cfg.train.batch_size))
 
 
-class LabelledLoss:
-    """(total, logs) for a model output dict and labels. Keys, as mmseg's:
+@dataclass
+class LabelledTerms:
+    """The labelled loss's terms, for the method to add.
 
-    decode.<loss key> (loss_ce, or loss_focal: the HL-weighted L_s when HL is on), decode.acc_seg, aux.loss_ce,
-    aux.acc_seg, weight_loss (L_h), loss (their sum: mmseg totals every key containing "loss"). A cascade (OCRNet)
-    logs decode_0.* (stage 0, x loss.stage0_weight) and decode_1.* instead of decode.*.
+    seg: the decode loss (HL-weighted where HL enters the labelled loss), plus a cascade's weighted stage-0 loss;
+    aux: the auxiliary head's weighted loss (0 without one); hl: L_h, which trains only the HL branch (0 without
+    one); logs: mmseg's keys, decode.<loss key> (loss_ce or loss_focal), decode.acc_seg, aux.loss_ce, aux.acc_seg,
+    weight_loss (L_h); a cascade (OCRNet) logs decode_0.* (stage 0) and decode_1.* instead of decode.*.
+    """
+    seg: torch.Tensor
+    aux: torch.Tensor
+    hl: torch.Tensor
+    logs: dict
+
+
+class LabelledLoss:
+    """LabelledTerms for a model output dict and labels.
 
     Args:
         cfg: the run config (hl, loss, train.reference, train.batch_size).
         per_device: images per device micro-batch, which decides the per-GPU grouping.
+        hl_weighted: whether sg(H) weights the decode loss (the method's "sup" in hl.semisup.apply_to). Without it
+            a model's HL branch still learns L_h from the labelled pixels' plain loss.
     """
 
-    def __init__(self, cfg, per_device: int, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, cfg, per_device: int, hl_weighted: bool = True, ignore_index: int = IGNORE_INDEX):
         self.hl, loss = cfg.hl, cfg.loss
+        self.hl_weighted = hl_weighted
         self.ignore_index = ignore_index
         self.per_device = per_device
         ref = cfg.train.reference
@@ -134,7 +148,7 @@ class LabelledLoss:
         keep = prob_ohem_keep_mask(logits, label, self.ignore_index, *self.ohem, group=self.group)
         return pixel_cross_entropy(logits, label, self.ignore_index) * keep, keep
 
-    def __call__(self, out: dict, label: torch.Tensor, align_corners: bool):
+    def __call__(self, out: dict, label: torch.Tensor, align_corners: bool) -> LabelledTerms:
         size = label.shape[-2:]
         logs: dict[str, torch.Tensor] = {}
         # The authors' FocalSoftmax sets ignored labels to 0 in place (their focal_loss_softmax.py), so everything
@@ -145,17 +159,20 @@ class LabelledLoss:
         head = "decode_1" if "out0" in out else "decode"
         decode = resize(out["out"], size, align_corners)
         decode_pix, keep = self._prob_ohem(decode, label) if self.prob_ohem else (self.decode_loss(decode, label), None)
-        weights = None
+        seg = weights = l_h = None
         if "hl" in out:
             # Sigmoid + normalisation happen after the resize to the label size, as in the reference.
             valid = (label != self.ignore_index) if self.hl.ignore == "exclude" else keep
-            logs[f"{head}.{self.loss_key}"], logs["weight_loss"], weights = hardness_loss(
+            weighted, l_h, hl_weights = hardness_loss(
                 decode_pix, resize(out["hl"], size, align_corners), lam=self.hl.lam, offset=self.hl.offset,
                 scope=self.scope, valid_mask=valid, group_size=self.group_size, image_reduce=self.hl.image_reduce)
-        elif keep is not None:
-            logs[f"{head}.{self.loss_key}"] = kept_mean(decode_pix, keep, self.group)
-        else:
-            logs[f"{head}.{self.loss_key}"] = self._reduce(decode_pix, label, None)
+            if self.hl_weighted:
+                seg, weights = weighted, hl_weights
+        if seg is None:
+            seg = kept_mean(decode_pix, keep, self.group) if keep is not None else self._reduce(decode_pix, label, None)
+        logs[f"{head}.{self.loss_key}"] = seg
+        if l_h is not None:
+            logs["weight_loss"] = l_h
         logs[f"{head}.acc_seg"] = pixel_accuracy(decode.detach(), seen, self.ignore_index)
 
         if "out0" in out:
@@ -164,17 +181,18 @@ class LabelledLoss:
             logs[f"decode_0.{self.loss_key}"] = self._reduce(self.decode_loss(stage0, label), label,
                                                              weights) * self.stage0_weight
             logs["decode_0.acc_seg"] = pixel_accuracy(stage0.detach(), label, self.ignore_index)
+            seg = seg + logs[f"decode_0.{self.loss_key}"]
 
+        zero = seg.new_zeros(())
+        aux_loss = zero
         if "aux" in out:
             aux = resize(out["aux"], size, align_corners)
             if self.aux_name == "prob_ohem":  # U2PL: 0.4 x OHEM on the aux head too
-                logs["aux.loss_ce"] = kept_mean(*self._prob_ohem(aux, seen), self.group) * self.aux_weight
+                aux_loss = kept_mean(*self._prob_ohem(aux, seen), self.group) * self.aux_weight
             else:
                 aux_pix = pixel_cross_entropy(aux, seen, self.ignore_index)
                 aux_weights = weights if self.hl.weight_aux else None
-                logs["aux.loss_ce"] = self._reduce(aux_pix, seen, aux_weights) * self.aux_weight
+                aux_loss = self._reduce(aux_pix, seen, aux_weights) * self.aux_weight
+            logs["aux.loss_ce"] = aux_loss
             logs["aux.acc_seg"] = pixel_accuracy(aux.detach(), seen, self.ignore_index)
-
-        total = sum(v for k, v in logs.items() if "loss" in k)
-        logs["loss"] = total.detach()
-        return total, logs
+        return LabelledTerms(seg=seg, aux=aux_loss, hl=zero if l_h is None else l_h, logs=logs)

@@ -19,12 +19,15 @@ class Supervised(Method):
         return {"labeled": Stream(datasets["train"], int(self.cfg.train.batch_size))}
 
     def setup(self, model, plan) -> None:
-        self.loss = LabelledLoss(self.cfg, plan.per_device["labeled"])
+        self.loss = LabelledLoss(self.cfg, plan.per_device["labeled"], hl_weighted="sup" in self.hl_targets)
         self.align_corners = model.align_corners
 
     def step(self, model, batches, it):
         batch = batches["labeled"]
-        return self.loss(model(batch["img"]), batch["label"], self.align_corners)
+        terms = self.loss(model(batch["img"]), batch["label"], self.align_corners)
+        loss = terms.seg + terms.hl + terms.aux
+        terms.logs["loss"] = loss.detach()  # mmseg's total of every logged loss
+        return loss, terms.logs
 
     def describe(self) -> dict:
         return {"method": self.name, "grouping": self.loss.grouping(), "hl_variant": self.loss.variant()}

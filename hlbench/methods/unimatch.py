@@ -22,6 +22,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ..hardness import hardness_loss
 from ..models.heads import resize
 from .base import Method, Stream, resolve_behaviour_flags
@@ -80,6 +81,7 @@ class UniMatch(Method):
     """UniMatch on the shared loop: streams labeled, unlabeled and mix (the unlabeled set again)."""
 
     name = "unimatch"
+    hl_streams = ("sup",) + tuple(f"unimatch.{s}" for s in UNSUP_STREAMS)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -88,14 +90,12 @@ class UniMatch(Method):
         self.conf_thresh, self.cutmix_p = float(m.conf_thresh), float(m.cutmix_p)
         self.weights = {k: float(m.loss_weights[k]) for k in ("x",) + UNSUP_STREAMS}
         self.total_scale = float(m.total_scale)
-        targets = set(cfg.hl.semisup.apply_to) if cfg.hl.enabled else set()
-        self.hl_sup = "sup" in targets
-        self.hl_streams = {s for s in UNSUP_STREAMS if f"unimatch.{s}" in targets}
+        self.hl_unsup = {s for s in UNSUP_STREAMS if f"unimatch.{s}" in self.hl_targets}
 
     def streams(self, datasets: dict) -> dict[str, Stream]:
         if "unlabeled" not in datasets:
-            raise ValueError(f"method=unimatch needs a semi-supervised data config (an unlabeled set); "
-                             f"data.name={self.cfg.data.name!r} has only {sorted(datasets)}")
+            raise ConfigError(f"method=unimatch needs a semi-supervised data config (an unlabeled set); "
+                              f"data.name={self.cfg.data.name!r} has only {sorted(datasets)}")
         unlabeled = int(self.cfg.method.unlabeled_batch)
         # The reference zips the unlabeled loader twice: the second pass is an independent shuffle of the same set.
         return {"labeled": Stream(datasets["train"], int(self.cfg.train.batch_size)),
@@ -104,7 +104,7 @@ class UniMatch(Method):
 
     def setup(self, model, plan) -> None:
         cfg = self.cfg
-        self.loss = LabelledLoss(cfg, plan.per_device["labeled"])
+        self.loss = LabelledLoss(cfg, plan.per_device["labeled"], hl_weighted="sup" in self.hl_targets)
         self.align_corners = model.align_corners
         self.per_gpu_u, self.per_device_u = unlabeled_per_gpu(cfg), plan.per_device["unlabeled"]
         self.group_u = reference_group(self.per_device_u, self.per_gpu_u)
@@ -144,39 +144,23 @@ class UniMatch(Method):
         targets = {"s1": mixed_targets(boxes[0], weak, mix), "s2": mixed_targets(boxes[1], weak, mix), "fp": weak}
         preds = dict(zip(("s1", "s2"), up(out_s["out"]).chunk(2)), fp=up(out["out_fp"][nl:]))
         # H of each stream comes from the HL branch on the images that stream's prediction saw.
-        hl = dict(zip(("s1", "s2"), out_s["hl"].chunk(2)), fp=out["hl"][nl:]) if self.hl_streams else {}
+        hl = dict(zip(("s1", "s2"), out_s["hl"].chunk(2)), fp=out["hl"][nl:]) if self.hl_unsup else {}
 
-        # 5. Losses.
-        loss_x, l_h, logs = self._labelled(out, nl, y)
-        total = self.weights["x"] * loss_x
+        # 5. Losses: L_x the labelled terms (HL-weighted with "sup" in hl.semisup.apply_to).
+        labelled = self.loss({k: v[:nl] for k, v in out.items() if k != "out_fp"}, y, self.align_corners)
+        logs = labelled.logs
+        total = self.weights["x"] * (labelled.seg + labelled.aux)
         for s in UNSUP_STREAMS:
-            h = up(hl[s]) if s in self.hl_streams else None
+            h = up(hl[s]) if s in self.hl_unsup else None
             logs[f"unsup.loss_{s}"] = unsup_loss(preds[s], *targets[s], self.conf_thresh, group, h,
                                                  self.cfg.hl.offset)
             total = total + self.weights[s] * logs[f"unsup.loss_{s}"]
         # L_h trains only the HL branch: it keeps its own weight (hl.lam) outside UniMatch's halving.
-        loss = self.total_scale * total + l_h
+        loss = self.total_scale * total + labelled.hl
         confident = (conf_w >= self.conf_thresh) & valid_w
         logs["unsup.mask_ratio"] = (confident.sum() / valid_w.sum().clamp_min(1)).detach()
         logs["loss"] = loss.detach()
         return loss, logs
-
-    def _labelled(self, out: dict, nl: int, y: torch.Tensor):
-        """(L_x, L_h, logs) of the labeled half of the first forward, through LabelledLoss.
-
-        With HL but without `sup` in hl.semisup.apply_to, L_x is the plain labelled loss while L_h still comes from
-        the labelled pixels (the only HL branch loss): the HL-weighted call then gives L_h alone.
-        """
-        sup = {k: v[:nl] for k, v in out.items() if k != "out_fp"}
-        total, logs = self.loss(sup, y, self.align_corners)
-        if "hl" not in sup:
-            return total, total.new_zeros(()), logs
-        l_h = logs["weight_loss"]
-        if not self.hl_sup:
-            total, logs = self.loss({k: v for k, v in sup.items() if k != "hl"}, y, self.align_corners)
-            logs["weight_loss"] = l_h
-            return total, l_h, logs
-        return total - l_h, l_h, logs
 
     def select_from(self) -> str:
         return SELECT_FROM[self.flags["eval_selection"]]
@@ -193,7 +177,7 @@ class UniMatch(Method):
     def describe(self) -> dict:
         return {"method": self.name, "behaviour": self.cfg.method.behaviour, "flags": self.flags,
                 "grouping": self.grouping(), "hl_variant": self.loss.variant(),
-                "hl_streams": (["sup"] if self.hl_sup else []) + [f"unimatch.{s}" for s in sorted(self.hl_streams)]}
+                "hl_streams": sorted(self.hl_targets)}
 
     def tags(self) -> list[str]:
         return [f"hl_variant:{self.loss.variant()}", f"unimatch:{self.cfg.method.behaviour}"]
