@@ -153,3 +153,23 @@ def _equal(a, b) -> bool:
     if isinstance(a, float) and isinstance(b, float):
         return a == b or (a != a and b != b)
     return a == b
+
+
+def test_a_resume_with_another_world_size_reseeds_each_rank_from_seed_rank_and_iteration(caplog):
+    from types import SimpleNamespace
+
+    from hlbench.engine import checkpoint as ckpt
+    from hlbench.engine.distributed import DistInfo
+    from hlbench.engine.trainer import Trainer
+
+    saved = [{"rng": None, "buffers": None, "method": {}}] * 3  # a checkpoint of 3 processes, resumed by 2
+    ranks = []
+    for rank in (0, 1):
+        trainer = SimpleNamespace(info=DistInfo(rank, rank, 2, torch.device("cpu")),
+                                  cfg=OmegaConf.create({"seed": 3}), start_it=7)
+        with caplog.at_level("WARNING", logger="hlbench"):
+            Trainer._restore_rank(trainer, saved)
+        ranks.append(torch.rand(4))
+    ckpt.reseed(3, 1, 7)
+    assert torch.equal(ranks[1], torch.rand(4)) and not torch.equal(ranks[0], ranks[1])
+    assert caplog.text.count("re-seeded from (seed, rank, iteration 7)") == 1  # one line, from rank 0
