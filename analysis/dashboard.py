@@ -43,9 +43,10 @@ def _group(row) -> str:
 
 
 def _suite_title(suite, group: str) -> str:
-    """The suite file's table title (experiments/suites/<suite>.yaml), else the group's name."""
+    """The suite file's table title (experiments/suites/<suite>.yaml) with the group, else the group's name. Runs
+    of a lone experiment= have no suite: the group (the suite whose folder names the experiment) stands for it."""
     if not isinstance(suite, str):
-        return group
+        suite = group
     from hlbench.suites import suite_file
     try:
         return f"{read_yaml(suite_file(suite)).get('table') or suite} ({group})"
@@ -107,7 +108,8 @@ def dashboard_plan(runs: pd.DataFrame, project: str, entity: str | None, title: 
                 panels.append({"type": "line", "title": "HL stability vs loss-based hardness (snapshot rank "
                                                         "correlation, AUROC vs the hardness mask)",
                                "y": sorted({m for u in stab for m in _stability_metrics(u["curves"])})})
-            sections.append({"group": group, "title": _suite_title(rows["suite"].iloc[0], group),
+            suites = rows["suite"].dropna()
+            sections.append({"group": group, "title": _suite_title(suites.iloc[0] if len(suites) else None, group),
                              "filter": f"Metric('group') == '{group}'", "groupby": f"config.{HL_KEY}",
                              "runs": len(rows), "baseline": int((~hl).sum()), "hl": int(hl.sum()),
                              "classes": classes, "panels": panels})

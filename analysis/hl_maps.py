@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from analysis.runs import SUMMARY_FILE
 from analysis.stability import load_snapshot, snapshot_paths
+from hlbench.errors import MissingInputError
 from hlbench.labels import IGNORE_INDEX
 from hlbench.tracking.hl_maps import colorize_labels, default_palette, hl_panel_figure, image_to_hwc
 from hlbench.tracking.run_folder import read_json
@@ -34,7 +35,7 @@ def snapshot_at(run_dir, it: int | None = None) -> tuple[int, dict]:
     """(iteration, snapshot) of a run: the one at `it`, or the last one."""
     paths = dict(snapshot_paths(run_dir))
     if not paths:
-        raise FileNotFoundError(f"{Path(run_dir) / 'hl_maps'}: no maps_*.npz snapshot (a baseline run, or "
+        raise MissingInputError(f"{Path(run_dir) / 'hl_maps'}: no maps_*.npz snapshot (a baseline run, or "
                                 "train.hl_map_interval never reached)")
     if it is None:
         it = max(paths)
@@ -68,11 +69,13 @@ def palette(snap: dict) -> list[tuple[int, int, int]]:
 
 
 def snapshot_figure(run_dir, it: int | None = None, max_images: int = 4, title: str | None = None) -> Figure:
-    """The panel (image | ground truth | prediction | HL map | CE loss | hardness kinds) of one snapshot."""
+    """The panel (image | ground truth | prediction | HL map | CE loss | hardness kinds) of one snapshot, titled
+    "<title, else the run folder>, iteration <it>"."""
     it, snap = snapshot_at(run_dir, it)
+    run = title or f"{Path(run_dir).parent.name}/{Path(run_dir).name}"
     return hl_panel_figure(snap["label"], snap.get("pred"), palette(snap), images=snap.get("image"), hl=snap["hl"],
                            loss=snap["loss"], hard=snap["hard"], hard_bits=hard_bits(snap), max_images=max_images,
-                           title=title or f"{Path(run_dir).parent.name}/{Path(run_dir).name}, iteration {it}")
+                           title=f"{run}, iteration {it}", class_names=class_names(snap, run_dir))
 
 
 def _means(groups: dict[str, np.ndarray], snap: dict) -> pd.DataFrame:
@@ -125,7 +128,7 @@ def snapshot_grid(run_dir, image: int = 0, max_snapshots: int = 6, cmap: str = "
     """
     paths = _spread(snapshot_paths(run_dir), max_snapshots)
     if not paths:
-        raise FileNotFoundError(f"{Path(run_dir) / 'hl_maps'}: no maps_*.npz snapshot")
+        raise MissingInputError(f"{Path(run_dir) / 'hl_maps'}: no maps_*.npz snapshot")
     snaps = [(it, read_snapshot(p)) for it, p in paths]
     first = snaps[-1][1]
     if not 0 <= image < len(first["label"]):
@@ -135,7 +138,8 @@ def snapshot_grid(run_dir, image: int = 0, max_snapshots: int = 6, cmap: str = "
                  else colorize_labels(label, palette(first)))
     fig = Figure(figsize=(1.8 * (len(snaps) + 1), 4.4), layout="constrained")
     axes = np.asarray(fig.subplots(2, len(snaps) + 1, squeeze=False))
-    for r, (key, name) in enumerate((("hl", "HL map h"), ("loss", "CE loss"))):
+    for r, (key, name, unit) in enumerate((("hl", "HL map h", "h (learned hardness)"),
+                                           ("loss", "CE loss", "CE (nats), capped at p99"))):
         maps = np.stack([s[key][image] for _, s in snaps])
         valid = label != IGNORE_INDEX
         scored = maps[:, valid] if valid.any() else maps  # as the panel: the scale of the labelled pixels
@@ -147,7 +151,7 @@ def snapshot_grid(run_dir, image: int = 0, max_snapshots: int = 6, cmap: str = "
             im = axes[r, c].imshow(maps[c - 1], cmap=cmap, vmin=vmin, vmax=max(vmax, vmin + 1e-6),
                                    interpolation="nearest")
             axes[r, c].set_title(f"{name}, iter {it}", fontsize=8)
-        fig.colorbar(im, ax=axes[r, 1:], orientation="vertical", shrink=0.9, aspect=12)
+        fig.colorbar(im, ax=axes[r, 1:], orientation="vertical", shrink=0.9, aspect=12).set_label(unit, fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

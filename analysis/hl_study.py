@@ -19,13 +19,32 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.runs import load_runs
+from analysis.runs import load_runs, repeats_note
 from analysis.stability import load_snapshot, snapshot_paths, spearman
 from analysis.tables import aggregate, format_mean_std
+from hlbench.errors import BadFileError, ConfigError, MissingInputError
 from hlbench.labels import IGNORE_INDEX
 from hlbench.metrics import binary_auroc
 
 SIGNALS = ("hl", "loss")
+# The printed tables' column names for summary.json keys and this module's own.
+LABELS = {"final.mIoU": "mIoU", "report_IoU": "thin/small IoU", "hl_auroc": "HL AUROC", "none": "no kind",
+          "corr_prev": "corr. prev", "corr_final": "corr. final"}
+
+
+def readable(column: str, top: float = 0.10) -> str:
+    """A table column's printed name: "stratum.none.mIoU" -> "no kind mIoU", "top_final" -> "top 10 % final",
+    "auroc.thin" -> "AUROC thin"; other names unchanged."""
+    if column in LABELS:
+        return LABELS[column]
+    if column.startswith("stratum."):
+        stratum, metric = column[len("stratum."):].rsplit(".", 1)
+        return f"{LABELS.get(stratum, stratum)} {metric}"
+    if column.startswith("top_"):
+        return f"top {100 * top:g} % {column[len('top_'):]}"
+    if column.startswith("auroc."):
+        return f"AUROC {column[len('auroc.'):]}"
+    return column
 
 
 def _kind_bits(path) -> dict[str, int]:
@@ -82,7 +101,7 @@ def stability_curves(run_dir, top: float = 0.10, hard_kinds=None, ignore_index: 
     for it, path in paths:
         cur = load_snapshot(path)
         if not np.array_equal(cur["label"], final["label"]):
-            raise ValueError(f"{path}: not the same images as the final snapshot {paths[-1][1].name} (labels differ)")
+            raise BadFileError(f"{path}: not the same images as the final snapshot {paths[-1][1].name} (labels differ)")
         valid = cur["label"] != ignore_index
         for signal in SIGNALS:
             row = {"iter": it, "signal": signal,
@@ -154,14 +173,14 @@ def stratified_scores(run_dir) -> dict[str, float]:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no iter_*.pth checkpoint to score")
+        raise MissingInputError(f"{run_dir / 'checkpoints'}: no iter_*.pth checkpoint to score")
     val_set = build_datasets(cfg.data, int(cfg.seed))["val"]
     bits = hardness_kinds(val_set)
     if not bits:
-        raise ValueError(f"{run_dir}: data set {cfg.data.name!r} has no ground-truth hardness mask")
+        raise ConfigError(f"{run_dir}: data set {cfg.data.name!r} has no ground-truth hardness mask")
     model_cfg = OmegaConf.merge(cfg.model, {"backbone": {"pretrained": "none"}})
-    model = build_model(model_cfg, num_classes=len(val_set.classes), hl=bool(cfg.hl.enabled))
-    load_checkpoint(model, ckpt)
+    model = build_model(model_cfg, num_classes=len(val_set.classes), hl=cfg.hl)  # the run's own HL head
+    load_checkpoint(model, ckpt, require_all=True)
     device = torch.device("cpu")
     eval_cfg = OmegaConf.merge(cfg.eval, {"hl_auroc": False})
     out = {}
@@ -190,19 +209,23 @@ def study_tables(root, top: float = 0.10) -> dict[str, pd.DataFrame]:
     """The study's tables from a runs folder, each baseline vs HL as mean ± std (n) over seeds: "accuracy" (mIoU,
     thin/small IoU, HL AUROC), "classes" (final IoU of each of the data set's report classes, the thin and small
     ones), "strata" (mIoU and pixel accuracy per stratum of true hardness), "stability" (HL vs loss,
-    stability_summary) and "runs" (one row per run)."""
+    stability_summary), and "runs" (one row per run counted, raw keys; its attrs["repeats"] the repeated runs of
+    a seed left out: analysis.runs.repeats_note). main() prints them with readable() column names."""
     runs = load_runs(root)
+    repeats = runs.attrs["repeats"]
     if runs.empty:
-        raise FileNotFoundError(f"{root}: no run folders (summary.json) found")
+        raise MissingInputError(f"{root}: no run folders (summary.json) found")
     strata = pd.DataFrame([{f"stratum.{k}": v for k, v in stratified_scores(d).items()} for d in runs["run_dir"]])
     runs = pd.concat([runs.reset_index(drop=True), strata], axis=1)
     runs["row"] = np.where(runs["hl.enabled"].astype(bool), "HL", "baseline")
     report = list(dict.fromkeys(c for classes in runs["report_classes"].dropna() for c in classes))
     classes = [f"final.IoU.{c}" for c in report if f"final.IoU.{c}" in runs.columns]
     hl_dirs = [Path(d) for d, hl in zip(runs["run_dir"], runs["hl.enabled"]) if hl]
+    runs.attrs["repeats"] = repeats
+    strata_order = [c for metric in ("mIoU", "acc") for c in strata.columns if c.endswith(f".{metric}")]
     return {"accuracy": format_mean_std(aggregate(runs, ["row"], ["final.mIoU", "report_IoU", "hl_auroc"])),
             "classes": format_mean_std(aggregate(runs, ["row"], classes)).rename(columns=lambda c: c.split(".")[-1]),
-            "strata": format_mean_std(aggregate(runs, ["row"], list(strata.columns))),
+            "strata": format_mean_std(aggregate(runs, ["row"], strata_order)),
             "stability": stability_summary(hl_dirs, top=top), "runs": runs}
 
 
@@ -213,8 +236,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="folder for one CSV per table (accuracy, classes, strata, stability, runs)")
     args = parser.parse_args(argv)
     tables = study_tables(args.root, top=args.top)
+    if note := repeats_note(tables["runs"]):
+        print(note + "\n")
     for name in ("accuracy", "classes", "strata", "stability"):
-        print(f"## {name}\n{tables[name].to_string(index=False)}\n")
+        print(f"## {name}\n{tables[name].rename(columns=lambda c: readable(c, args.top)).to_string(index=False)}\n")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.runs import SUMMARY_FILE, read_metrics
-from hlbench.errors import ConfigError
+from hlbench.errors import ConfigError, MissingInputError
 from hlbench.tracking.run_folder import read_json, read_jsonl
 
 RUN_COLUMNS = ("run", "format", "config", "hl", "hardware", "gpus", "batch", "save_best")
@@ -349,7 +349,7 @@ def log_format(path) -> str:
             return "hlbench"
         raise ConfigError(f"{path}: a folder without {SUMMARY_FILE}: not an hlbench run folder")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: log file not found")
+        raise MissingInputError(f"{path}: log file not found")
     with open(path, encoding="utf-8", errors="replace") as f:
         head = f.read(1 << 16)
     if head.lstrip().startswith("{") and '"env_info"' in head.split("\n", 1)[0]:

@@ -98,8 +98,8 @@ def compare(name, size, tmp):
     torch.save({"state_dict": theirs.state_dict(), "meta": {"mmseg_version": "1.2.2"}}, path)
     model_cfg = OmegaConf.load(MODEL_DIR / f"{name}.yaml")
     model_cfg.backbone.pretrained = "none"  # every tensor comes from the mmseg checkpoint below
-    ours = build_model(model_cfg, NUM_CLASSES, hl=False).eval()
-    report = load_checkpoint(ours, path)
+    ours = build_model(model_cfg, NUM_CLASSES).eval()
+    report = load_checkpoint(ours, path, require_all=True)
     img = torch.randn(1, 3, size, size)
     metas = [dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size), padding_size=[0] * 4)]
     with torch.no_grad():

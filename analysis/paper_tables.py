@@ -21,9 +21,9 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.compare import per_class_delta, summarise_class_deltas
-from analysis.logs import evaluations, log_classes, read_log, training_cost
+from analysis.logs import evaluations, log_classes, log_format, read_log, training_cost
 from analysis.tables import format_table
-from hlbench.errors import ConfigError
+from hlbench.errors import ConfigError, MissingInputError
 from hlbench.tracking.run_folder import atomic_write_text
 
 README = "README.md"
@@ -136,7 +136,7 @@ def find_readmes(root) -> list[tuple[str, Path]]:
     """(table name, README path) for each README.md below `root` (the root's own README is not a table folder)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: logs folder not found")
+        raise MissingInputError(f"{root}: logs folder not found")
     readmes = sorted(p for p in root.rglob(README) if p.parent != root)
     return [(p.parent.relative_to(root).as_posix().replace("/", "-"), p) for p in readmes]
 
@@ -480,8 +480,28 @@ def _mean(values):
 # ---------------------------------------------------------------- the whole folder
 
 
+def unlinked_logs(root, tables: list[PaperTable], logs: LogCache) -> pd.DataFrame:
+    """The logs below `root` that no rebuilt table's cell links (e.g. the authors' SemiSeg/ evaluation logs, which
+    have no README table): log (relative to root), format and the last evaluation's mIoU × 100."""
+    root = Path(root)
+    linked = {Path(log).resolve() for t in tables for log in t.cells["log"].dropna() if "://" not in log}
+    rows = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != README):
+        if path.resolve() in linked:
+            continue
+        try:
+            kind = log_format(path)
+            evals = evaluations(logs.get(path))
+        except (ConfigError, ValueError, OSError):
+            continue  # not a log analysis.logs reads
+        last = _percent(evals.iloc[-1]["mIoU"]) if not evals.empty and "mIoU" in evals.columns else None
+        rows.append({"log": path.relative_to(root).as_posix(), "format": kind, "last mIoU": last})
+    return pd.DataFrame(rows, columns=["log", "format", "last mIoU"])
+
+
 def build_paper_tables(root) -> tuple[list[PaperTable], list[str], LogCache]:
-    """Every linked README table below `root`, rebuilt; plus notes on README tables skipped (no linked cell)."""
+    """Every linked README table below `root`, rebuilt; plus notes on what was not: README tables without a linked
+    cell, and logs no table links (unlinked_logs)."""
     logs, tables, skipped = LogCache(), [], []
     readmes = find_readmes(root)
     if not readmes:
@@ -492,6 +512,9 @@ def build_paper_tables(root) -> tuple[list[PaperTable], list[str], LogCache]:
                 tables.append(rebuild_table(t, logs))
             else:
                 skipped.append(f"{t.name}: no cell links a log ({readme})")
+    for log in unlinked_logs(root, tables, logs).itertuples():
+        value = "no evaluation" if log[3] is None or pd.isna(log[3]) else f"last mIoU {log[3]:.2f}"
+        skipped.append(f"{log.log}: no README table links this {log.format} log, so no table shows it ({value})")
     return tables, skipped, logs
 
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.runs import SUMMARY_FILE, find_run_dirs
+from analysis.runs import find_run_dirs, newest_per_seed
 from analysis.tables import aggregate, format_mean_std
-from hlbench.tracking.run_folder import read_json
 
 RULES = {"reference rule": "reference_rule.mIoU", "last iteration": "final.mIoU"}
 
@@ -64,10 +63,9 @@ def methods_by_class(runs: pd.DataFrame, column: str | None = None, entry: str =
 
 def read_summaries(root, suite: str | None = None) -> list[dict]:
     """summary.json of every run folder below `root` (of `suite` only, when given), with run_dir added: the input
-    of hlbench.report's tables."""
+    of hlbench.report's tables. One per (experiment, seed), as load_runs counts them (newest_per_seed)."""
     out = []
-    for run_dir in find_run_dirs(root):
-        summary = read_json(run_dir / SUMMARY_FILE)
+    for run_dir, summary in newest_per_seed(find_run_dirs(root))[0]:
         if suite is None or summary.get("suite") == suite:
             out.append({**summary, "run_dir": str(run_dir)})
     return out

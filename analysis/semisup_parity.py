@@ -92,7 +92,7 @@ def ours(name, ckpt):
 
     cfg = OmegaConf.load(MODEL_DIR / f"{name}.yaml")
     cfg.backbone.pretrained = "none"  # every tensor comes from the reference checkpoint
-    model = build_model(cfg, NUM_CLASSES, hl=False)
+    model = build_model(cfg, NUM_CLASSES)
     report = load_checkpoint(model, ckpt)
     print(f"{name}: loaded {len(report['loaded'])} tensors, missing {len(report['missing'])} "
           f"{report['missing'][:3]}, unexpected {len(report['unexpected'])} {report['unexpected'][:3]}")

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hlbench.errors import BadFileError
 from hlbench.labels import IGNORE_INDEX
 from hlbench.metrics import binary_auroc
 
@@ -48,7 +49,7 @@ def load_snapshot(path) -> dict[str, np.ndarray]:
     with np.load(path) as npz:
         missing = [k for k in ("hl", "loss", "label", "hard") if k not in npz.files]
         if missing:
-            raise KeyError(f"{path}: missing arrays {missing} (expected hl, loss, label, hard)")
+            raise BadFileError(f"{path}: missing arrays {missing} (expected hl, loss, label, hard)")
         label = npz["label"]
         # hl can carry a singleton channel axis (K×1×H×W); the pixel grid is the label's.
         snap = {"hl": npz["hl"].astype(np.float32).reshape(label.shape),
@@ -83,7 +84,7 @@ def snapshot_stability(run_dir, ignore_index: int = IGNORE_INDEX) -> pd.DataFram
         cur = load_snapshot(path)
         if prev is not None:
             if prev["label"].shape != cur["label"].shape or not np.array_equal(prev["label"], cur["label"]):
-                raise ValueError(f"{path}: not the same images as maps_{prev_it:06d}.npz (labels differ)")
+                raise BadFileError(f"{path}: not the same images as maps_{prev_it:06d}.npz (labels differ)")
             valid = cur["label"] != ignore_index
             rows.append({"iter": it, "prev_iter": prev_it,
                          "hl_rank_corr": _per_image_corr(prev["hl"], cur["hl"], valid),

@@ -2,17 +2,20 @@
 
 The shape comes from the suite file (experiments/suites/<suite>.yaml): its cells say which experiment fills which
 row × column and hold the paper's number. Each cell here is ours, mean ± std (n) over seeds in points, beside the
-paper's: "79.8 ± 0.3 (3) | 80.65". A table shows one evaluation, named in its columns' axis:
+paper's: "79.8 ± 0.3 (3); paper 80.65". A table shows one evaluation, named in its columns' axis:
   final           the last iteration's (what the mmseg tables report);
   best            the best periodic evaluation's;
   reference rule  the semi-supervised references' selected checkpoint, re-scored where another protocol selected
                   it (hlbench.report.reference_rule_miou).
+A table holds the runs of one profile (none: the recipe itself); where the profile replaced the model (smoke), the
+cells say "smoke model" instead of the paper's number.
 """
 from __future__ import annotations
 
 import pandas as pd
 
 from analysis.tables import aggregate, format_mean_std
+from hlbench.report import SMOKE_MODEL, comparable_with_paper
 
 SHOWS = {"final": "final.mIoU", "best": "best.mIoU", "reference rule": "reference_rule.mIoU"}
 
@@ -22,10 +25,20 @@ def _numeric(runs: pd.DataFrame, name: str) -> pd.Series:
                                                                                                  index=runs.index)
 
 
-def suite_table(runs: pd.DataFrame, suite: str, shows: str = "final") -> pd.DataFrame:
-    """Rows × columns of the suite's cells as "ours | paper" strings: ours is empty where a cell has no run yet,
+def profiles(runs: pd.DataFrame) -> list[str | None]:
+    """The profiles of load_runs() rows (None: runs of the recipe itself), None first."""
+    found = set(_column(runs, "profile").dropna())
+    return ([None] if _column(runs, "profile").isna().any() else []) + sorted(found)
+
+
+def _column(runs: pd.DataFrame, name: str) -> pd.Series:
+    return runs[name] if name in runs.columns else pd.Series(None, index=runs.index, dtype=object)
+
+
+def suite_table(runs: pd.DataFrame, suite: str, shows: str = "final", profile: str | None = None) -> pd.DataFrame:
+    """Rows × columns of the suite's cells as "ours; paper X" strings: ours is empty where a cell has no run yet,
     the paper's "–" where it has no number. `runs` is analysis.load_runs() output; only runs of the suite's
-    experiments count."""
+    experiments made with `profile` (None: no profile) count."""
     from hlbench.suites import load_suite, suite_cards
 
     if shows not in SHOWS:
@@ -34,7 +47,9 @@ def suite_table(runs: pd.DataFrame, suite: str, shows: str = "final") -> pd.Data
     cards = suite_cards(spec)
     if not cards:
         raise KeyError(f"suite {suite!r} lists experiments but no cells: it is not a paper table")
-    runs = runs[runs["experiment"].isin(cards)].copy()
+    same_profile = _column(runs, "profile").isna() if profile is None else _column(runs, "profile") == profile
+    runs = runs[runs["experiment"].isin(cards) & same_profile].copy()
+    comparable = comparable_with_paper({"profile": profile})
     runs["reference_rule.mIoU"] = _numeric(runs, "best.rescored.mIoU").fillna(_numeric(runs, "best.mIoU"))
     metric = SHOWS[shows]
     ours = {}
@@ -46,6 +61,8 @@ def suite_table(runs: pd.DataFrame, suite: str, shows: str = "final") -> pd.Data
     table = pd.DataFrame("", index=pd.Index(rows, name="row"), columns=pd.Index(columns, name=shows))
     for experiment, card in cards.items():
         paper = "–" if card.get("value") is None else f"{card['value']:g}"
-        table.loc[card["row"], card["column"]] = f"{ours.get(experiment, '')} | {paper}"
-    table.attrs["title"] = f"{spec.get('table', suite)} (ours: {shows}, mean ± std (n) | paper)"
+        table.loc[card["row"], card["column"]] = f"{ours.get(experiment, '')}; " + (f"paper {paper}" if comparable
+                                                                                    else SMOKE_MODEL)
+    made = f", profile={profile}" if profile else ""
+    table.attrs["title"] = f"{spec.get('table', suite)} (ours{made}: {shows}, mean ± std (n); paper)"
     return table

@@ -28,10 +28,12 @@ def aggregate(df: pd.DataFrame, by: list[str], metrics: list[str]) -> pd.DataFra
 
 
 def _mean_std(mean: float, std: float, n: int, scale: float, digits: int) -> str:
+    """"62.0 ± 2.8 (2)"; one sample has no spread: "70.0 (1)"; no sample: "–"."""
     if n == 0:
-        return "– (0)"
-    spread = "–" if n == 1 or math.isnan(std) else f"{std * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {spread} ({n})"
+        return "–"
+    if n == 1 or math.isnan(std):
+        return f"{mean * scale:.{digits}f} ({n})"
+    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f} ({n})"
 
 
 def format_mean_std(agg: pd.DataFrame, scale: float = 100.0, digits: int = 1) -> pd.DataFrame:
@@ -52,9 +54,11 @@ def _cell(value, digits: int) -> str:
 
 
 def format_table(df: pd.DataFrame, digits: int = 2) -> str:
-    """Fixed-width Markdown pipe table (no `tabulate` needed); floats with `digits` decimals."""
+    """Fixed-width Markdown pipe table (no `tabulate` needed); floats with `digits` decimals. A "|" inside a cell
+    is escaped, so every cell stays one Markdown cell."""
     rows = [[str(c) for c in df.columns]]
     rows += [[_cell(v, digits) for v in row] for row in df.itertuples(index=False)]
+    rows = [[c.replace("|", "\\|") for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -35,6 +35,7 @@ from .atomic_files import atomic_write
 from .engine.distributed import plan_batches
 from .engine.optim import build_optimizer
 from .engine.precision import allow_tf32, autocast
+from .errors import ConfigError
 from .flops import count_flops, device_name, device_peak
 from .labels import IGNORE_INDEX
 from .memory import GiB, PeakMemory, estimate_train_memory
@@ -63,8 +64,8 @@ class Setup:
         """"bf16+cl+bm+compile" -> Setup; cl = channels_last, bm = cudnn.benchmark."""
         precision, *flags = label.split("+")
         if precision not in ("fp32", "tf32", "bf16") or not set(flags) <= set(cls.FLAGS):
-            raise ValueError(f"setup {label!r}: expected fp32|tf32|bf16 followed by any of "
-                             f"{', '.join('+' + f for f in cls.FLAGS)}")
+            raise ConfigError(f"setup {label!r}: expected fp32|tf32|bf16 followed by any of "
+                              f"{', '.join('+' + f for f in cls.FLAGS)}")
         return cls(precision, **{cls.FLAGS[f]: True for f in flags})
 
     @property
@@ -105,8 +106,7 @@ def _sync(device: torch.device) -> None:
 def _build(cfg, batch: int, device: torch.device):
     """(model in train mode, set-up method) of a composed config, built on `device` (meta: shapes only)."""
     with torch.device(device):
-        model = build_model(cfg.model, num_classes=NUM_CLASSES, hl=cfg.hl.enabled,
-                            hl_head_channels=cfg.hl.head_channels).train()
+        model = build_model(cfg.model, num_classes=NUM_CLASSES, hl=cfg.hl).train()
     method = build_method(cfg)
     method.setup(model, plan_batches({"labeled": (batch, "--batch")}, 1, batch))
     return model, method
@@ -683,7 +683,7 @@ def main(argv=None) -> dict:
     try:
         for s in args.setups:
             Setup.parse(s)
-    except ValueError as err:
+    except ConfigError as err:
         p.error(str(err))
     if args.quick and not args.models:
         p.error("--quick needs at least one model")

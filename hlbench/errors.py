@@ -1,8 +1,18 @@
 """The error types that the command-line entry points report as one line (no traceback)."""
 
 
-class ConfigError(ValueError):
-    """A bad configuration value or input file; the message names the key or file and what was expected."""
+class ConfigError(Exception):
+    """Bad input: a configuration value, or a data, split-list or weights file it names; the message names the key
+    or file and what was expected. Not a ValueError, so that an internal fault is never taken for a typo."""
+
+
+class MissingInputError(ConfigError, FileNotFoundError):
+    """A file or folder the input names does not exist (a data root, a weights file, a checkpoint)."""
+
+
+class BadFileError(ConfigError, ValueError):
+    """An input file that exists but cannot be used (unreadable, another layout, tensors that do not fit the model).
+    Also a ValueError: code that passes over a bad file to an older one (a resume) catches it with the others."""
 
 
 class RunStopped(RuntimeError):

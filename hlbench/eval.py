@@ -1,4 +1,5 @@
 """`python -m hlbench.eval experiment=<name> checkpoint=<path>`: score saved weights with the recipe's protocol.
+`python -m hlbench.eval run=<run folder>`: score a run's best weights (else its newest checkpoint) with its config.
 
 Accepts hlbench, mmsegmentation 0.x and 1.x checkpoints (hlbench.models.load_checkpoint). Results go to a new
 folder <out_dir>/eval/<experiment>/<checkpoint stem>[-2, -3...] holding metrics.json and config.yaml.
@@ -15,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config_checks import check_config
-from .errors import ConfigError
+from .engine.cores import set_intra_op_threads
+from .errors import ConfigError, MissingInputError
 from .run import launch
 
 log = logging.getLogger("hlbench")
@@ -48,6 +50,26 @@ def iou_table(metrics: dict, class_names: list[str]) -> str:
     return "\n".join(rows)
 
 
+def saved_run(path) -> tuple[DictConfig, Path, str]:
+    """(config, checkpoint, experiment) of a run folder, from its config.yaml and checkpoints/best.pth (else its
+    newest iter_*.pth), or of a checkpoint inside a run folder's checkpoints/."""
+    from .engine.checkpoint import latest_checkpoint
+    from .tracking.run_folder import CONFIG_FILE, read_json
+
+    path = Path(path)
+    run_dir = path.parent.parent if path.is_file() else path
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise MissingInputError(f"run={path}: expected a run folder (holding {CONFIG_FILE} and checkpoints/) or a "
+                                f"checkpoint in one")
+    best = run_dir / "checkpoints" / "best.pth"
+    checkpoint = path if path.is_file() else best if best.is_file() else latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise MissingInputError(f"run={path}: {run_dir / 'checkpoints'} holds no best.pth or iter_*.pth")
+    summary = run_dir / "summary.json"
+    experiment = read_json(summary)["experiment"] if summary.is_file() else run_dir.parent.name
+    return OmegaConf.load(run_dir / CONFIG_FILE), checkpoint, experiment
+
+
 def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     """Build cfg.model, load cfg.checkpoint, evaluate on cfg.data's val split; returns the written metrics."""
     from .data import build_datasets
@@ -69,14 +91,9 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     # its map can be scored against the data set's hardness mask.
     # Every tensor comes from the checkpoint, so the ImageNet file the recipe names is not needed.
     model_cfg = OmegaConf.merge(cfg.model, {"backbone": {"pretrained": "none"}})
-    model = build_model(model_cfg, num_classes=len(classes), hl=cfg.hl.enabled,
-                        detach_hl_features=cfg.hl.detach_features, hl_head_channels=cfg.hl.head_channels)
-    report = load_checkpoint(model, checkpoint)
-    # Only the branches inference never runs may be absent (a baseline checkpoint in an HL config, say).
-    needed = [k for k in report["missing"] if not k.startswith(("hl_head.", "auxiliary_head."))]
-    if needed:
-        raise ValueError(f"{checkpoint}: {len(needed)} tensors that inference needs are missing (e.g. "
-                         f"{', '.join(needed[:3])}); is it a checkpoint of {experiment}'s model?")
+    model = build_model(model_cfg, num_classes=len(classes), hl=cfg.hl)
+    # A tensor left at its random init would be scored as if trained (the HL map's AUROC above all).
+    report = load_checkpoint(model, checkpoint, require_all=True)
     model.to(info.device)
     result = evaluate(model, val_set, cfg.eval, cfg.data, info.device, classes, hl_offset=cfg.hl.offset)
     out = {"experiment": experiment, "checkpoint": str(checkpoint.resolve()), "protocol": protocol_of(cfg.eval),
@@ -90,6 +107,9 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
         atomic_write_json(run_dir / "metrics.json", {**out, "env": environment_record()})
         print(f"{experiment} @ {checkpoint}")
         print(iou_table(result["metrics"], classes))
+        auroc = result["hl_auroc"]
+        print(f"HL AUROC {100 * auroc:.2f} (the HL map against the data set's hardness mask)" if auroc is not None
+              else "HL AUROC – (no HL branch, or no hardness mask in this data set)")
         print("outputs:", run_dir)
         out["run_dir"] = str(run_dir)
     return out
@@ -98,12 +118,17 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    set_intra_op_threads()
     experiment = HydraConfig.get().runtime.choices.get("experiment")
     try:
-        if experiment is None:
-            raise ConfigError("experiment=<name> is required: it defines the model, data and test protocol")
+        if cfg.run is not None:
+            saved, checkpoint, experiment = saved_run(cfg.run)
+            cfg = OmegaConf.merge(saved, {"checkpoint": str(checkpoint), "out_dir": cfg.out_dir, "device": cfg.device})
+        elif experiment is None:
+            raise ConfigError("experiment=<name> (with checkpoint=<path>) or run=<run folder> is required: it defines "
+                              "the model, data and test protocol")
         evaluate_checkpoint(cfg, experiment)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except ConfigError as err:  # bad input: one line; anything else is a fault of ours and keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

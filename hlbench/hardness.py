@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from hlbench.errors import ConfigError
+
 SCOPES = ("batch", "image", "group")
 IMAGE_REDUCTIONS = ("mean", "sum")
 
@@ -26,7 +28,7 @@ def hardness_weights(hl_logits: torch.Tensor, *, offset: float = 0.1, scope: str
     emulation of the reference's per-GPU normaliser (4 GPUs x 2 images -> group_size=2).
     """
     if scope not in SCOPES:
-        raise ValueError(f"hl scope must be one of {SCOPES}, got {scope!r}")
+        raise ConfigError(f"hl scope must be one of {SCOPES}, got {scope!r}")
     if hl_logits.dim() == 4:
         if hl_logits.shape[1] != 1:
             raise ValueError(f"hl_logits must have one channel, got shape {tuple(hl_logits.shape)}")
@@ -41,7 +43,7 @@ def hardness_weights(hl_logits: torch.Tensor, *, offset: float = 0.1, scope: str
     elif scope == "image":
         sums = h.flatten(1).sum(1)
     elif n % group_size:
-        raise ValueError(f"hl group scope needs a batch divisible by group_size={group_size}, got {n} images")
+        raise ConfigError(f"hl group scope needs a batch divisible by group_size={group_size}, got {n} images")
     else:
         sums = h.view(n // group_size, -1).sum(1).repeat_interleave(group_size)
     # An image whose pixels are all masked out has S = 0; its weights stay 0 instead of NaN.
@@ -67,7 +69,7 @@ def hardness_loss(pixel_loss: torch.Tensor, hl_logits: torch.Tensor, *, lam: flo
         raise ValueError(f"pixel_loss must be (N,H,W) matching hl_logits; got {tuple(pixel_loss.shape)} "
                          f"and {tuple(hl_logits.shape)}")
     if image_reduce not in IMAGE_REDUCTIONS:
-        raise ValueError(f"hl image_reduce must be one of {IMAGE_REDUCTIONS}, got {image_reduce!r}")
+        raise ConfigError(f"hl image_reduce must be one of {IMAGE_REDUCTIONS}, got {image_reduce!r}")
     weights = hardness_weights(hl_logits, offset=offset, scope=scope, valid_mask=valid_mask, group_size=group_size)
     pixel_loss = pixel_loss.float()
     seg_loss = (weights.detach() * pixel_loss).sum()

@@ -11,6 +11,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def reduce_pixel_loss(pixel_loss: torch.Tensor, label: torch.Tensor, ignore_inde
         return pixel_loss.mean()
     if denominator == "valid_pixels":
         return pixel_loss.sum() / (label != ignore_index).sum().clamp_min(1)
-    raise ValueError(f"loss.ce_denominator must be one of {DENOMINATORS}, got {denominator!r}")
+    raise ConfigError(f"loss.ce_denominator must be one of {DENOMINATORS}, got {denominator!r}")
 
 
 def pixel_accuracy(logits: torch.Tensor, label: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -64,7 +65,7 @@ def _true_class_prob(logits: torch.Tensor, label: torch.Tensor, ignore_index: in
     n = label.shape[0]
     group = group or n
     if n % group:
-        raise ValueError(f"OHEM groups of {group} images need a batch divisible by {group}, got {n} images")
+        raise ConfigError(f"OHEM groups of {group} images need a batch divisible by {group}, got {n} images")
     valid = label != ignore_index
     return valid, logits.float().softmax(1).gather(1, label.where(valid, 0).unsqueeze(1)).squeeze(1), group
 
@@ -142,7 +143,7 @@ def make_pixel_loss(name: str = "ce", *, ignore_index: int = IGNORE_INDEX, class
     `ohem_group`: images per OHEM threshold (the reference's per-GPU batch; see ohem_keep_mask).
     """
     if name not in LOSS_NAMES:
-        raise ValueError(f"loss.name must be one of {LOSS_NAMES}, got {name!r}")
+        raise ConfigError(f"loss.name must be one of {LOSS_NAMES}, got {name!r}")
     if name == "balanced_ce" and not class_weight:
         # e.g. a profile=smoke dry run of the loss table on synthetic data: same code path, uniform weights.
         log.warning("loss.name=balanced_ce without loss.class_weight (nor data.class_weight): uniform weights")
@@ -159,6 +160,6 @@ def make_pixel_loss(name: str = "ce", *, ignore_index: int = IGNORE_INDEX, class
         if not weights:
             return pixel_cross_entropy(logits, label, ignore_index)
         if len(weights) != logits.shape[1]:
-            raise ValueError(f"loss.class_weight has {len(weights)} entries, the model {logits.shape[1]} classes")
+            raise ConfigError(f"loss.class_weight has {len(weights)} entries, the model {logits.shape[1]} classes")
         return pixel_cross_entropy(logits, label, ignore_index, logits.new_tensor(weights, dtype=torch.float32))
     return balanced_ce

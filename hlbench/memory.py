@@ -32,24 +32,65 @@ class MemoryEstimate:
     def total(self) -> float:
         return self.activations + self.weights
 
-    def describe(self, device: torch.device | None = None) -> str:
+    def describe(self, available: float | None = None) -> str:
         line = (f"estimated peak training memory per device: {self.total / GiB:.1f} GiB ({self.activations / GiB:.1f} "
                 f"GiB activations saved for backward at {self.images} image(s) of {self.crop[0]}x{self.crop[1]} in "
                 f"{self.precision}, {self.weights / GiB:.2f} GiB weights, gradients and optimiser state; counted on "
                 f"the meta device)")
-        capacity = _capacity(device)
-        return line + (f"; the device has {capacity / GiB:.1f} GiB" if capacity else "")
+        return line + (f"; {available / GiB:.1f} GiB available" if available is not None else "")
 
-    def exceeds(self, device: torch.device) -> bool:
-        """Whether the estimate is above 95 % of the CUDA device's memory (False off CUDA)."""
-        capacity = _capacity(device)
-        return bool(capacity) and self.total > 0.95 * capacity
+    def what_fits(self, available: float, per_device: int) -> str:
+        """The settings whose estimate fits in `available` bytes, `per_device` being the images per device now.
+
+        Activations scale with the images per device and with the crop's area; weights stay."""
+        share = (available - self.weights) / self.activations
+        if share <= 0:
+            return f"the weights, gradients and optimiser state alone need {self.weights / GiB:.2f} GiB"
+        options = []
+        if (batch := int(per_device * share)) >= 1:
+            options.append(f"train.max_batch_per_device={batch} (gradient accumulation keeps the global batch)")
+        scale = min(1.0, share) ** 0.5
+        crop = [max(8, int(side * scale) // 8 * 8) for side in self.crop]
+        options.append(f"data.train_pipeline.crop=[{crop[0]},{crop[1]}]")
+        return "it would fit with " + " or ".join(options)
 
 
-def _capacity(device) -> int | None:
-    if device is None or device.type != "cuda":
+def available_memory(device: torch.device) -> float | None:
+    """Bytes a training step on `device` may use: on CUDA the free memory plus what PyTorch holds already (the
+    model is there); on a CPU the host's MemAvailable, capped by the cgroup's memory limit (a container's or a SLURM
+    job's, which the kernel enforces with SIGKILL) less its usage. None where neither can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free + torch.cuda.memory_reserved(device))
+    host = _meminfo_bytes("MemAvailable")
+    limit = _cgroup_memory_left()
+    if host is None or limit is None:
+        return host if limit is None else limit
+    return min(host, limit)
+
+
+def _meminfo_bytes(field: str, meminfo: Path = Path("/proc/meminfo")) -> float | None:
+    try:
+        text = meminfo.read_text()
+    except OSError:
         return None
-    return torch.cuda.get_device_properties(device).total_memory
+    kib = next((int(line.split()[1]) for line in text.splitlines() if line.startswith(f"{field}:")), None)
+    return kib * 1024.0 if kib is not None else None
+
+
+def _cgroup_memory_left(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The cgroup's memory limit less its usage (cgroup v2, else v1); None without a limit."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit, usage = (root / limit_file).read_text().strip(), (root / usage_file).read_text().strip()
+        except OSError:
+            continue
+        # v1 reports "no limit" as a huge number (PAGE_COUNTER_MAX pages).
+        if limit == "max" or int(limit) >= 2 ** 60:
+            return None
+        return float(int(limit) - int(usage))
+    return None
 
 
 def saved_activation_bytes(fn, exclude=()) -> int:
@@ -85,8 +126,7 @@ def estimate_train_memory(cfg, num_classes: int, images: int, crop, labeled: int
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg["backbone"]["pretrained"] = "none"  # the shapes, not the weights
     with torch.device("meta"):
-        model = build_model(model_cfg, num_classes, hl=cfg.hl.enabled, detach_hl_features=cfg.hl.detach_features,
-                            hl_head_channels=cfg.hl.head_channels).train()
+        model = build_model(model_cfg, num_classes, hl=cfg.hl).train()
     if bf16:
         model = model.to(torch.bfloat16)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from hlbench.errors import ConfigError
 from hlbench.labels import IGNORE_INDEX
 
 
@@ -47,8 +48,8 @@ class ConfusionMatrix:
         """ValueError naming a label value outside the classes, if any update saw one."""
         count, value = self._bad.tolist()
         if count:
-            raise ValueError(f"label value {value} outside 0..{self.num_classes - 1} (and not ignore "
-                             f"{self.ignore_index}) at {count} pixel(s): are the labels mapped to train ids?")
+            raise ConfigError(f"label value {value} outside 0..{self.num_classes - 1} (and not ignore "
+                              f"{self.ignore_index}) at {count} pixel(s): are the labels mapped to train ids?")
 
     def compute(self, class_names: list[str] | None = None) -> dict:
         """mmseg-style metrics as fractions: aAcc, mIoU, mAcc, IoU.<class>, Acc.<class>.

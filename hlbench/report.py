@@ -15,7 +15,22 @@ def _mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -
     return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f} ({len(vals)})"
 
 
-def _card(paper: dict, key: str, digits: int) -> str:
+# profile=smoke trains a quarter-width ResNet-18 in place of each experiment's model (hlbench/conf/profile/smoke.yaml):
+# the paper's numbers are no yardstick for its runs, so their tables say so instead of printing them.
+MODEL_REPLACING_PROFILES = ("smoke",)
+SMOKE_MODEL = "smoke model"
+
+
+def comparable_with_paper(summary: dict) -> bool:
+    """False for a run of a profile that replaced the experiment's model."""
+    return summary.get("profile") not in MODEL_REPLACING_PROFILES
+
+
+def _card(summary: dict, key: str, digits: int) -> str:
+    """The paper's number `key` from the run's card, "–" without one, SMOKE_MODEL where it is not comparable."""
+    if not comparable_with_paper(summary):
+        return SMOKE_MODEL
+    paper = summary.get("paper") or {}
     return f"{paper[key]:.{digits}f}" if paper.get(key) is not None else "–"
 
 
@@ -28,14 +43,13 @@ def comparison_table(summaries: list[dict], title: str = "") -> str:
               "paper s/iter"]
     lines = []
     for name, runs in rows.items():
-        paper = runs[0].get("paper") or {}
         lines.append([name, "yes" if runs[0]["hl"] else "no",
                       _mean_std([r["final"]["mIoU"] for r in runs], 100),
                       _mean_std([r.get("report_IoU") for r in runs], 100),
                       _mean_std([r.get("hl_auroc") for r in runs], 1, 3),
                       _mean_std([r["train_time_s"] for r in runs], 1, 0),
                       _mean_std([r.get("s_per_iter") for r in runs], 1, 3),
-                      _card(paper, "value", 2), _card(paper, "s_per_iter", 3)])
+                      _card(runs[0], "value", 2), _card(runs[0], "s_per_iter", 3)])
     widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [title] if title else []
@@ -75,7 +89,7 @@ def methods_by_split_table(summaries: list[dict], title: str = "") -> str:
                 if not runs:
                     line.append("")
                     continue
-                line.append(f"{_mean_std([value(x) for x in runs], 100)} ({_card(runs[0].get('paper') or {}, 'value', 1)})")
+                line.append(f"{_mean_std([value(x) for x in runs], 100)} ({_card(runs[0], 'value', 1)})")
             lines.append(line)
         widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from .config_checks import check_config
+from .engine.cores import set_intra_op_threads
 from .errors import ConfigError, RunStopped
 from .paths import experiments_dir
 from .report import comparison_table, methods_by_split_table
@@ -70,6 +72,8 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
     """Run what the composed config asks for: one experiment, or every experiment of cfg.suite; all seeds."""
     from hydra import compose
 
+    from .data import require_data_root
+
     profile = choices.get("profile")
     experiment = choices.get("experiment")
     if experiment is not None:
@@ -83,10 +87,11 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
         # Each suite member is composed as if the user had typed experiment=<member> plus their overrides.
         keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("suite", "experiment")]
         plan = [(name, compose("config", overrides=keep + [f"experiment={name}"])) for name in suite.experiments]
-    # Every run's config and weights are checked before the first starts: a suite never stops hours in.
+    # Every run's config, weights and data folders are checked before the first starts: a suite never stops hours in.
     for name, c in plan:
         check_config(c)
         require_pretrained(c)
+        require_data_root(c.data)
         if c.paper is None:  # the card lives in the suite's cell (paper=... on the command line replaces it)
             OmegaConf.update(c, "paper", paper_card(name, suite), force_add=True)
     jobs = [(name, c, s) for name, c in plan for s in _seeds(c)]
@@ -113,20 +118,66 @@ def known_experiments() -> list[str]:
     return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
 
 
+def print_catalogue() -> None:
+    """`python -m hlbench.run list`: the experiments and suites that experiment= and suite= accept."""
+    suites = sorted(p.stem for p in (experiments_dir() / "suites").glob("*.yaml"))
+    print(f"experiments ({experiments_dir() / 'experiment'}):", *known_experiments(), sep="\n  ")
+    print(f"suites ({experiments_dir() / 'suites'}):", *suites, sep="\n  ")
+    print("a composed config: python -m hlbench.run experiment=<name> [overrides] --cfg job")
+
+
+# Config nodes whose keys are the user's to choose, so `+key=value` may add to them: the expected-results card and
+# Hydra's own settings (launchers take extra keys).
+OPEN_KEYS = ("paper", "hydra")
+
+
+def _unknown_key(key: str, override: str, cfg) -> ConfigError:
+    """The one-line error for an override of a key the config does not have, with the closest existing key."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    siblings = OmegaConf.select(cfg, parent) if parent else cfg
+    names = [f"{parent}.{k}" if parent else str(k) for k in siblings] if isinstance(siblings, DictConfig) else []
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"{override}: the config has no key {key}{hint} (unknown keys are refused, with or "
+                       f"without +, so that a typo cannot run unnoticed)")
+
+
 def check_overrides(overrides: list[str]) -> None:
-    """Compose once before Hydra starts, so that a bad override is one line naming it (Hydra prints several)."""
+    """Compose once before Hydra starts, so that a bad override is one line naming it (Hydra prints several).
+
+    An override that adds a key (`+key=`, `++key=`) outside OPEN_KEYS must name a key the config already has."""
     from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, MissingConfigException
 
     try:
         with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
-            compose("config", overrides=overrides, return_hydra_config=True)
+            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+            groups = set(cfg.hydra.runtime.choices)
+            added = {o.key_or_group: o.input_line for o in OverridesParser.create().parse_overrides(overrides)
+                     if (o.is_add() or o.is_force_add()) and o.key_or_group not in groups
+                     and o.key_or_group.split(".")[0] not in OPEN_KEYS}
+            if added:
+                base = compose("config", overrides=[o for o in overrides if o not in added.values()])
+                missing = object()
+                for key, line in added.items():
+                    if OmegaConf.select(base, key, default=missing) is missing:
+                        raise _unknown_key(key, line, base)
     except MissingConfigException as err:
         first = str(err).splitlines()[0]
         # Experiments live on the search path, for which Hydra lists no options.
         options = err.options or (known_experiments() if "'experiment/" in first else [])
         raise ConfigError(first + (f"; available: {', '.join(options)}" if options else "")) from None
     except HydraException as err:
+        if (match := re.match(r"Could not override '([^']+)'", str(err))) is not None:
+            # Hydra's hint here is to add the key with +, which would then run with the key ignored.
+            key = match.group(1)
+            line = next(o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key)
+            with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
+                raise _unknown_key(key, line, compose("config", overrides=[o for o in overrides if o != line])) \
+                    from None
         lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip() and not ln.startswith("See ")]
         raise ConfigError("; ".join(lines)) from None
 
@@ -134,6 +185,7 @@ def check_overrides(overrides: list[str]) -> None:
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    set_intra_op_threads()
     hc = HydraConfig.get()
     try:
         run(cfg, dict(hc.runtime.choices), list(hc.overrides.task), multirun=hc.mode.name == "MULTIRUN")
@@ -144,8 +196,9 @@ def hydra_main(cfg: DictConfig) -> None:
             raise
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        # Bad input (config values, files, labels) is reported in one line; HLBENCH_TRACEBACK=1 shows the trace.
+    except ConfigError as err:
+        # Bad input (config values, data, weights) is reported in one line; HLBENCH_TRACEBACK=1 shows the trace.
+        # Any other exception is a fault of ours and keeps its traceback.
         if os.environ.get("HLBENCH_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)
@@ -155,6 +208,9 @@ def hydra_main(cfg: DictConfig) -> None:
 def launch(hydra_entry) -> None:
     """Check the command line's overrides (one-line errors), then hand over to a @hydra.main entry point."""
     args = sys.argv[1:]
+    if args == ["list"]:
+        print_catalogue()
+        return
     # Hydra's own flags (--multirun sweeps, --cfg, --help) go to Hydra unchecked: sweeps do not compose as one job.
     if not any(a.startswith("-") for a in args):
         try:

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -14,14 +16,14 @@
 # %% [markdown]
 # # HL analysis: baseline vs pixel-hardness learning
 #
-# Reads hlbench run folders (`python -m hlbench.run ...` writes them under `out_dir`, default `outputs/`).
-# Set `HLBENCH_RUNS` to another folder to analyse it. Every section prints a note instead of failing when the
-# runs hold nothing for it (e.g. no HL run yet).
+# Reads hlbench run folders (`python -m hlbench.run ...` writes them under `out_dir`, default the project's
+# `outputs/`). Set `HLBENCH_RUNS` to another folder to analyse it. Every section prints a note instead of failing
+# when the runs hold nothing for it (e.g. no HL run yet).
 
 # %% tags=["parameters"]
 import os
 
-RUNS = os.environ.get("HLBENCH_RUNS", "outputs")
+RUNS = os.environ.get("HLBENCH_RUNS")  # None: <project>/outputs; a relative path: analysis.runs.runs_folder
 
 # %%
 from pathlib import Path
@@ -29,14 +31,16 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+from matplotlib.lines import Line2D
 
-from analysis import aggregate, format_mean_std, format_table, load_runs, read_metrics
+from analysis import aggregate, format_mean_std, format_table, read_metrics
 from analysis.compare import pair_class_delta, pair_runs
+from analysis.runs import notebook_runs
 from analysis.stability import snapshot_stability
 
-runs = load_runs(RUNS) if Path(RUNS).is_dir() else pd.DataFrame(columns=["run_dir", "experiment", "seed"])
+RUNS, runs = notebook_runs(RUNS)
 hl_runs = runs[runs["hl.enabled"].fillna(False).astype(bool)] if not runs.empty else runs
-print(f"{len(runs)} run(s) under {RUNS!r}, {len(hl_runs)} with HL")
+print(f"{len(runs)} run(s), {len(hl_runs)} with HL")
 
 # %% [markdown]
 # ## Runs: final mIoU, report-class IoU and HL AUROC, mean ± std (n seeds), in points
@@ -60,15 +64,19 @@ val_curve = curves[curves["mode"] == "val"].dropna(subset=["mIoU"]) if "mIoU" in
 if train_curve.empty and val_curve.empty:
     print("no train/val lines in metrics.jsonl: no learning curves")
 else:
-    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(11, 3.5))
-    # Seeds of one experiment are averaged into one line with a band (seaborn's default estimator).
+    fig, (ax_loss, ax_miou) = plt.subplots(1, 2, figsize=(12, 3.5), layout="constrained")
+    # Seeds of one experiment are averaged into one line with a band (seaborn's default estimator). One colour per
+    # experiment in both plots, named by one legend outside them, so no line hides behind it.
+    colours = dict(zip(runs["experiment"].unique(), sns.color_palette(n_colors=runs["experiment"].nunique())))
     if not train_curve.empty:
-        sns.lineplot(data=train_curve, x="iter", y="loss", hue="experiment", ax=ax_loss)
+        sns.lineplot(data=train_curve, x="iter", y="loss", hue="experiment", palette=colours, legend=False, ax=ax_loss)
     ax_loss.set_title("train loss")
     if not val_curve.empty:
-        sns.lineplot(data=val_curve, x="iter", y="mIoU", hue="experiment", marker="o", ax=ax_miou)
+        sns.lineplot(data=val_curve, x="iter", y="mIoU", hue="experiment", palette=colours, marker="o", legend=False,
+                     ax=ax_miou)
     ax_miou.set_title("val mIoU")
-    plt.tight_layout()
+    fig.legend(handles=[Line2D([], [], color=c, label=e) for e, c in colours.items()], title="experiment",
+               loc="outside right upper", fontsize=8)
     plt.show()
 
 # %% [markdown]

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -17,30 +19,29 @@
 # Each HL run stores, every `train.hl_map_interval` iterations, the HL map, the per-pixel CE loss and the
 # ground-truth hardness mask (synthetic data) of the same fixed val images (`hl_maps/maps_<iter>.npz`). This
 # notebook draws the last snapshot of each HL run and tabulates the mean hardness per class and per hardness kind.
-# Set `HLBENCH_RUNS` to the runs folder (default `outputs/`).
+# Set `HLBENCH_RUNS` to the runs folder (default: the project's `outputs/`).
 
 # %% tags=["parameters"]
 import os
 
-RUNS = os.environ.get("HLBENCH_RUNS", "outputs")
+RUNS = os.environ.get("HLBENCH_RUNS")  # None: <project>/outputs; a relative path: analysis.runs.runs_folder
 MAX_RUNS = 4  # panels drawn (one per HL run)
 
 # %%
 # %matplotlib inline
-from pathlib import Path
-
 import pandas as pd
 import seaborn as sns
 from IPython.display import display
 
-from analysis import format_table, load_runs
+from analysis import format_table
 from analysis.hl_maps import class_hardness, kind_hardness, snapshot_figure
+from analysis.runs import notebook_runs
 from analysis.stability import snapshot_paths
 
-runs = load_runs(RUNS) if Path(RUNS).is_dir() else pd.DataFrame(columns=["run_dir", "experiment", "seed", "hl.enabled"])
+RUNS, runs = notebook_runs(RUNS)
 hl_runs = runs[runs["hl.enabled"].fillna(False).astype(bool)]
 hl_runs = hl_runs[hl_runs["run_dir"].map(lambda d: bool(snapshot_paths(d))).astype(bool)]
-print(f"{len(runs)} run(s) under {RUNS!r}, {len(hl_runs)} HL run(s) with HL-map snapshots")
+print(f"{len(runs)} run(s), {len(hl_runs)} HL run(s) with HL-map snapshots")
 
 # %% [markdown]
 # ## Last snapshot of each HL run

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -18,33 +20,33 @@
 # it, while the learned HL map keeps marking it. `analysis.hl_study` measures it on the fixed val images that
 # each HL run snapshots, for the HL map and the CE loss side by side: rank correlation and overlap of the hardest
 # 10 % of pixels with the previous and with the final snapshot, and (synthetic data) AUROC of each snapshot
-# against the ground-truth hardness mask per kind. Set `HLBENCH_RUNS` to the runs folder (default `outputs/`).
+# against the ground-truth hardness mask per kind. Set `HLBENCH_RUNS` to the runs folder
+# (default: the project's `outputs/`).
 
 # %% tags=["parameters"]
 import os
 
-RUNS = os.environ.get("HLBENCH_RUNS", "outputs")
+RUNS = os.environ.get("HLBENCH_RUNS")  # None: <project>/outputs; a relative path: analysis.runs.runs_folder
 MAX_RUNS = 2  # snapshot grids drawn (one per HL run)
 
 # %%
 # %matplotlib inline
-from pathlib import Path
-
 import pandas as pd
 import seaborn as sns
 from IPython.display import display
 
-from analysis import format_table, load_runs
+from analysis import format_table
 from analysis.hl_maps import snapshot_grid
 from analysis.hl_study import stability_curves, stability_summary
+from analysis.runs import notebook_runs
 from analysis.stability import snapshot_paths
 
-runs = load_runs(RUNS) if Path(RUNS).is_dir() else pd.DataFrame(columns=["run_dir", "experiment", "seed", "hl.enabled"])
+RUNS, runs = notebook_runs(RUNS)
 hl_runs = runs[runs["hl.enabled"].fillna(False).astype(bool)]
 curves = [stability_curves(r.run_dir).assign(experiment=r.experiment, seed=r.seed) for r in hl_runs.itertuples()]
 curves = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
 snapshots = curves["iter"].nunique() if len(curves) else 0
-print(f"{len(hl_runs)} HL run(s) under {RUNS!r}, {snapshots} snapshot iteration(s)")
+print(f"{len(hl_runs)} HL run(s), {snapshots} snapshot iteration(s)")
 
 # %% [markdown]
 # ## Per signal: each measure averaged over a run's snapshots, mean ± std (n) over runs

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -24,12 +24,13 @@
 #   README whose cells link to log files), every table rebuilt from the logs with its check column
 #   (`analysis.paper_tables`, also `python -m analysis.tables <dir> --out DIR`).
 #
-# Set `HLBENCH_RUNS` to the runs folder (default `outputs/`) and `HLBENCH_LOGS` to the authors' logs folder.
+# Set `HLBENCH_RUNS` to the runs folder (default: the project's `outputs/`) and `HLBENCH_LOGS` to the authors'
+# logs folder.
 
 # %% tags=["parameters"]
 import os
 
-RUNS = os.environ.get("HLBENCH_RUNS", "outputs")
+RUNS = os.environ.get("HLBENCH_RUNS")  # None: <project>/outputs; a relative path: analysis.runs.runs_folder
 LOGS = os.environ.get("HLBENCH_LOGS", "")
 
 # %%
@@ -39,40 +40,47 @@ from pathlib import Path
 import pandas as pd
 import seaborn as sns
 
-from analysis import aggregate, format_mean_std, format_table, load_runs
+from analysis import aggregate, format_mean_std, format_table
+from analysis.runs import notebook_runs
 from analysis.semisup import read_summaries
-from analysis.suite_tables import suite_table
+from analysis.suite_tables import profiles, suite_table
 from hlbench.suites import load_suite
 from hlbench.report import comparison_table
 
-runs = load_runs(RUNS) if Path(RUNS).is_dir() else pd.DataFrame(columns=["run_dir", "experiment", "suite", "seed"])
-summaries = read_summaries(RUNS) if Path(RUNS).is_dir() else []
+RUNS, runs = notebook_runs(RUNS)
+summaries = read_summaries(RUNS) if RUNS.is_dir() else []
 suites = sorted({s["suite"] for s in summaries if s.get("suite")})
-print(f"{len(runs)} run(s) under {RUNS!r} in {len(suites)} suite(s): {', '.join(suites) or '-'}")
+print(f"{len(runs)} run(s) in {len(suites)} suite(s): {', '.join(suites) or '-'}")
 
 # %% [markdown]
 # ## Each suite's table as the runner printed it (final iteration; the paper's number where the card has one)
+#
+# One table per suite and profile: a profile's dry runs (`profile=smoke` trains a small stand-in model) are not the
+# recipe's runs, and their tables print "smoke model" where the paper's number would be.
 
 # %%
 if not suites:
     print("no suite runs: no tables")
 for suite in suites:
-    print(comparison_table([s for s in summaries if s.get("suite") == suite], title=suite))
-    print()
+    for profile in dict.fromkeys(s.get("profile") for s in summaries if s.get("suite") == suite):
+        made = [s for s in summaries if s.get("suite") == suite and s.get("profile") == profile]
+        print(comparison_table(made, title=suite + (f", profile={profile}" if profile else "")))
+        print()
 
 # %% [markdown]
-# ## Each paper table in the paper's shape: ours (mean ± std (n)) | the paper's number
+# ## Each paper table in the paper's shape: ours (mean ± std (n)); the paper's number
 
 # %%
 paper_suites = [s for s in suites if load_suite(s).get("cells")]
 if not paper_suites:
     print("none of these suites is a paper table (a suite file with cells): no paper-shaped table")
 for suite in paper_suites:
-    for shows in ("final", "best"):
-        table = suite_table(runs, suite, shows)
-        print(table.attrs["title"])
-        print(format_table(table.reset_index()))
-        print()
+    for profile in profiles(runs[runs["suite"] == suite]):
+        for shows in ("final", "best"):
+            table = suite_table(runs, suite, shows, profile)
+            print(table.attrs["title"])
+            print(format_table(table.reset_index()))
+            print()
 
 # %% [markdown]
 # ## Final and best mIoU, mean ± std (n) over seeds (points)
@@ -82,7 +90,8 @@ metrics = [m for m in ("final.mIoU", "best.mIoU") if m in runs.columns]
 if runs.empty:
     print("no runs: no final / best table")
 else:
-    print(format_table(format_mean_std(aggregate(runs, by=["suite", "experiment", "hl.enabled"], metrics=metrics))))
+    by = ["suite", "experiment", *(["profile"] if "profile" in runs.columns else []), "hl.enabled"]
+    print(format_table(format_mean_std(aggregate(runs, by=by, metrics=metrics))))
 
 # %% [markdown]
 # ## Baseline vs HL per suite (final mIoU, bars: mean over seeds, whiskers: sd)

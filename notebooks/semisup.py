@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -20,27 +20,26 @@
 # `paper.row` / `paper.column`; runs without a card use the experiment name and the split's source). Cells are
 # mIoU in points, mean ± std (n) over seeds, once by the references' selection rule (their selected checkpoint,
 # re-scored with the final protocol where another protocol selected it) and once at the last iteration.
-# Set `HLBENCH_RUNS` to the runs folder (default `outputs/`).
+# Set `HLBENCH_RUNS` to the runs folder (default: the project's `outputs/`).
 
 # %% tags=["parameters"]
 import os
 
-RUNS = os.environ.get("HLBENCH_RUNS", "outputs")
+RUNS = os.environ.get("HLBENCH_RUNS")  # None: <project>/outputs; a relative path: analysis.runs.runs_folder
 
 # %%
 # %matplotlib inline
-from pathlib import Path
-
 import pandas as pd
 import seaborn as sns
 
-from analysis import format_table, load_runs
+from analysis import format_table
+from analysis.runs import notebook_runs
 from analysis.semisup import RULES, methods_by_class, methods_by_split, read_summaries, semisup_runs
 from hlbench.report import methods_by_split_table
 
-runs = load_runs(RUNS) if Path(RUNS).is_dir() else pd.DataFrame(columns=["run_dir", "experiment", "seed"])
+RUNS, runs = notebook_runs(RUNS)
 semi = semisup_runs(runs)
-print(f"{len(runs)} run(s) under {RUNS!r}, {len(semi)} semi-supervised")
+print(f"{len(runs)} run(s), {len(semi)} semi-supervised")
 
 # %% [markdown]
 # ## Method × split, both reporting rules
@@ -56,7 +55,7 @@ for rule in RULES if not semi.empty else []:
 # ## Ours beside the paper's numbers (the table `python -m hlbench.run suite=semisup` prints)
 
 # %%
-summaries = [s for s in read_summaries(RUNS) if s.get("split")] if Path(RUNS).is_dir() else []
+summaries = [s for s in read_summaries(RUNS) if s.get("split")] if RUNS.is_dir() else []
 print(methods_by_split_table(summaries) if summaries else "no semi-supervised run: nothing to compare with the paper")
 
 # %% [markdown]

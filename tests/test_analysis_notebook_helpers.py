@@ -133,4 +133,4 @@ def test_runs_without_cards_fall_back_to_experiment_and_split_source():
                           "best.mIoU": 0.3, "final.mIoU": 0.2}])
     table = methods_by_split(runs)
     assert table.index.tolist() == ["semisup_synthetic/u2pl"] and table.columns.tolist() == ["seeded(0.125, 0)"]
-    assert table.iloc[0, 0] == "30.0 ± – (1)"
+    assert table.iloc[0, 0] == "30.0 (1)"

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torchvision
 
+from hlbench.errors import ConfigError
 from hlbench.models import build_model, load_pretrained
 from hlbench.models.resnet import ResNetV1c, TorchvisionResNet
 
@@ -83,7 +84,7 @@ def test_v1c_dilations_os16_and_basic_block():
                                            ({"multi_grid": (1, 2)}, "multi_grid"),
                                            ({"stem_channels": (32, 64)}, "stem_channels")])
 def test_v1c_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         ResNetV1c(**{"depth": 50, "width_mult": 0.25, **kwargs})
 
 
@@ -110,7 +111,7 @@ def test_torchvision_dilation_equals_replace_stride_with_dilation():
 
 
 def test_torchvision_rejects_width_mult():
-    with pytest.raises(ValueError, match="width_mult"):
+    with pytest.raises(ConfigError, match="width_mult"):
         TorchvisionResNet(18, width_mult=0.25)
 
 
@@ -151,7 +152,7 @@ def test_load_pretrained_errors(tmp_path):
 
 
 def test_load_pretrained_expected_prefix_selects_a_submodule(tmp_path):
-    model = build_model(_tiny_cfg(), num_classes=3, hl=True)
+    model = build_model(_tiny_cfg(), num_classes=3, hl={"enabled": True})
     ckpt = {"state_dict": {f"weigh_head.{k}": v + 1 for k, v in model.hl_head.state_dict().items()}}
     report = load_pretrained(model.hl_head, _save(ckpt, tmp_path / "hl.pth"), expected_prefix="weigh_head.")
     assert report["missing"] == [] and report["unexpected"] == []
@@ -162,5 +163,5 @@ def test_build_model_loads_backbone_pretrained(tmp_path):
     src = ResNetV1c(18, width_mult=0.25)
     cfg = _tiny_cfg()
     cfg["backbone"]["pretrained"] = str(_save(src.state_dict(), tmp_path / "r18.pth"))
-    model = build_model(cfg, num_classes=3, hl=False)
+    model = build_model(cfg, num_classes=3)
     torch.testing.assert_close(model.backbone.layer2[0].conv1.weight, src.layer2[0].conv1.weight)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hlbench.bench import Setup, TrainStep, main
+from hlbench.errors import ConfigError
 
 
 def test_train_step_updates_the_model_and_hl_branch():
@@ -22,7 +23,7 @@ def test_setup_labels_round_trip_and_bad_ones_are_named():
     assert (setup.precision, setup.channels_last, setup.cudnn_benchmark, setup.compile) == ("bf16", True, True, True)
     assert Setup.parse(setup.label) == setup
     assert Setup.parse("tf32+bm").inactive(torch.device("cpu")) == ["tf32", "bm"]
-    with pytest.raises(ValueError, match="fp16"):
+    with pytest.raises(ConfigError, match="fp16"):
         Setup.parse("fp16+cl")
 
 

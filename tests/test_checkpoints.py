@@ -7,8 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from hlbench.data import build_datasets
 from hlbench.data.synthetic import CLASSES
+from hlbench.errors import ConfigError
 from hlbench.eval import evaluate_checkpoint, iou_table
+from hlbench.labels import IGNORE_INDEX
 from hlbench.models import build_model, load_checkpoint
 from tests.conftest import TINY, compose_run
 
@@ -21,7 +24,7 @@ TINY_MODEL = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25
 
 def _model(seed):
     torch.manual_seed(seed)
-    model = build_model(TINY_MODEL, NUM_CLASSES, hl=True)
+    model = build_model(TINY_MODEL, NUM_CLASSES, hl={"enabled": True})
     for name, buf in model.named_buffers():  # BN statistics differ between models too
         if name.endswith("running_mean") or name.endswith("running_var"):
             buf.uniform_(0.5, 1.5)
@@ -74,7 +77,7 @@ def test_load_checkpoint_ddp_prefix_and_missing_hl(tmp_path):
     load_checkpoint(target, tmp_path / "ddp.pth")
     _assert_same(source, target)
 
-    plain = build_model(TINY_MODEL, NUM_CLASSES, hl=False)
+    plain = build_model(TINY_MODEL, NUM_CLASSES)
     report = load_checkpoint(plain, tmp_path / "ddp.pth")  # HL weights are reported, not an error
     assert report["unexpected"] and all(k.startswith("hl_head.") for k in report["unexpected"])
 
@@ -84,24 +87,44 @@ def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_checkpoint(model, tmp_path / "nope.pth")
 
-    other = build_model(TINY_MODEL, NUM_CLASSES + 2, hl=True)  # different class count
+    other = build_model(TINY_MODEL, NUM_CLASSES + 2, hl={"enabled": True})  # different class count
     torch.save({"state_dict": other.state_dict()}, tmp_path / "classes.pth")
-    with pytest.raises(ValueError, match=r"classes\.pth.*shape mismatch.*conv_seg"):
+    with pytest.raises(ConfigError, match=r"classes\.pth.*shape mismatch.*conv_seg"):
         load_checkpoint(model, tmp_path / "classes.pth")
 
     partial = {k: v for k, v in model.state_dict().items() if k.startswith("backbone.layer1")}
     torch.save({"model": partial}, tmp_path / "partial.pth")
-    with pytest.raises(ValueError, match=r"partial\.pth: only \d+/\d+ tensors"):
+    with pytest.raises(ConfigError, match=r"partial\.pth: only \d+/\d+ tensors"):
         load_checkpoint(model, tmp_path / "partial.pth")
 
     torch.save({"meta": {}}, tmp_path / "empty.pth")
-    with pytest.raises(ValueError, match="empty.pth"):
+    with pytest.raises(ConfigError, match="empty.pth"):
         load_checkpoint(model, tmp_path / "empty.pth")
+
+
+def _iou_by_hand(model, cfg) -> dict:
+    """{class: IoU} from a confusion matrix counted here (rows truth, columns prediction, void pixels left out) on
+    the val images, normalised and predicted whole; classes neither present nor predicted are left out."""
+    val = build_datasets(cfg.data, cfg.seed)["val"]
+    n = len(CLASSES)
+    confusion = torch.zeros(n, n, dtype=torch.long)
+    mean, std = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (cfg.data.mean, cfg.data.std))
+    with torch.no_grad():
+        for i in range(len(val)):
+            item = val[i]
+            pred = model.eval().predict(((item["img"].float() - mean) / std)[None], mode="whole")[0].argmax(0)
+            valid = item["label"] != IGNORE_INDEX
+            confusion += torch.bincount(item["label"][valid] * n + pred[valid], minlength=n * n).view(n, n)
+    union = confusion.sum(0) + confusion.sum(1) - confusion.diag()
+    return {CLASSES[c]: (confusion[c, c] / union[c]).item() for c in range(n) if union[c] > 0}
 
 
 def test_eval_cli_scores_a_checkpoint(tmp_path, hydra_ctx, capsys):
     cfg, _, _ = compose_run([*TINY, "experiment=smoke/hl"], out_dir=tmp_path)
-    model = build_model(cfg.model, num_classes=len(CLASSES), hl=True)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, num_classes=len(CLASSES), hl=cfg.hl)
+    # A fresh classifier predicts one class everywhere; wide weights spread the predictions over several.
+    torch.nn.init.normal_(model.decode_head.conv_seg.weight, std=1.0)
     ckpt = tmp_path / "best.pth"
     torch.save({"model": model.state_dict()}, ckpt)
     cfg = OmegaConf.merge(cfg, {"checkpoint": str(ckpt)})
@@ -113,7 +136,9 @@ def test_eval_cli_scores_a_checkpoint(tmp_path, hydra_ctx, capsys):
     assert Path(first["run_dir"]) == tmp_path / "eval" / "smoke-hl" / "best"
     assert Path(second["run_dir"]).name == "best-2"  # never overwrites an earlier evaluation
     saved = json.loads((Path(first["run_dir"]) / "metrics.json").read_text())
-    assert saved["mIoU"] == pytest.approx(first["mIoU"]) and 0.0 <= saved["mIoU"] <= 1.0
+    expected = _iou_by_hand(model, cfg)
+    assert saved["mIoU"] == pytest.approx(sum(expected.values()) / len(expected), abs=1e-6)
+    assert {c: saved["metrics"][f"IoU.{c}"] for c in expected} == pytest.approx(expected, abs=1e-6)
     assert saved["mIoU"] == pytest.approx(second["mIoU"])  # deterministic
     assert set(saved["metrics"]) >= {f"IoU.{c}" for c in ("road", "wire")}
     assert (Path(first["run_dir"]) / "config.yaml").is_file()
@@ -138,6 +163,6 @@ def test_unreadable_files_give_one_line_errors_naming_them(tmp_path, content):
     path.write_bytes(content)
     for load in (lambda: load_checkpoint(model, path), lambda: load_pretrained(model.backbone, path),
                  lambda: load_state(path)):
-        with pytest.raises(ValueError, match=r"bad\.pth: not a readable PyTorch checkpoint") as err:
+        with pytest.raises(ConfigError, match=r"bad\.pth: not a readable PyTorch checkpoint") as err:
             load()
         assert "\n" not in str(err.value)

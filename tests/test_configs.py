@@ -6,6 +6,7 @@ from hydra import compose
 from omegaconf import OmegaConf
 
 from hlbench.config_checks import check_config
+from hlbench.errors import ConfigError
 from hlbench.suites import load_suite
 from tests.conftest import EXPERIMENTS
 
@@ -58,7 +59,7 @@ def test_unknown_key_rejected(hydra_ctx):
                                           ("optim.name=rmsprop", "optim.name"), ("eval.mode=slide", "eval.mode")])
 def test_bad_value_names_the_key(hydra_ctx, override, key):
     cfg = compose("config", overrides=[override])
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_config(cfg)
 
 

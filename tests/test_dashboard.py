@@ -102,3 +102,12 @@ def test_stability_upload_offline_is_one_run_with_a_point_per_snapshot(runs_root
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [h["_step"] for h in history] == [20, 30]
     assert all("hl_stability/hl_rank_corr" in h and "hl_stability/loss_rank_corr" in h for h in history)
+
+
+def test_a_lone_experiment_run_is_titled_by_its_group_not_the_config_default_suite(tmp_path):
+    run_dir = _run(tmp_path, "fullsup/fcn_r101", False, suite="runs", group="fullsup")
+    write_config(run_dir, {"seed": 0, "suite": "smoke", "hl": {"enabled": False}})  # the command's default suite
+    summary = run_dir / "summary.json"
+    summary.write_text(summary.read_text().replace('"suite": "runs"', '"suite": null'))
+    (section,) = dashboard_plan(load_runs(tmp_path), "p", None, "T")["sections"]
+    assert section["title"].startswith("Cityscapes architectures") and section["title"].endswith("(fullsup)")

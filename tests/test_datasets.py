@@ -149,6 +149,22 @@ def test_check_reports_counts_and_errors_naming_files(tmp_path, capsys):
     assert out.count("error: ") == 3 and "train: 4 image/label pairs" in out
 
 
+def test_check_decodes_every_image_and_names_each_bad_one_quick_mode_reads_headers(tmp_path, capsys):
+    root = make_cityscapes(tmp_path / "cs", train_ids=True)
+    images = sorted((root / "leftImg8bit").rglob("*.png"))
+    truncated, corrupt = images[0], images[-1]
+    truncated.write_bytes(truncated.read_bytes()[:-40])  # a copy that stopped before the end: the header reads
+    data = bytearray(corrupt.read_bytes())
+    data[-200:-20] = bytes(180)  # pixel data overwritten, markers intact
+    corrupt.write_bytes(bytes(data))
+    _, errors, _ = check_dataset("cityscapes", root, workers=2)
+    assert len(errors) == 2 and errors[0].startswith(f"{truncated}: truncated") and str(corrupt) in errors[1]
+    assert check_dataset("cityscapes", root, decode=False)[1] == []  # explicitly skipped
+    assert main(["check", "cityscapes", "--root", str(root), "--quick"]) == 0
+    assert main(["check", "cityscapes", "--root", str(root)]) == 2
+    assert capsys.readouterr().out.count("error: ") == 2
+
+
 def test_check_gta_and_ade(tmp_path):
     gta = make_gta(tmp_path / "gta")
     (gta / "images" / "00009.png").write_bytes((gta / "images" / "00001.png").read_bytes())

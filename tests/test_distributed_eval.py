@@ -31,7 +31,7 @@ def _evaluate(plain: dict) -> dict:
     cfg = OmegaConf.create(plain)
     val = build_datasets(cfg.data, seed=0)["val"]
     torch.manual_seed(0)  # the same weights in every process
-    model = build_model(cfg.model, num_classes=len(val.classes), hl=True)
+    model = build_model(cfg.model, num_classes=len(val.classes), hl={"enabled": True})
     result = evaluate(model, val, cfg.eval, cfg.data, torch.device("cpu"), list(val.classes))
     return {"confusion": result["confusion"], "metrics": result["metrics"], "hl_auroc_kinds": result["hl_auroc_kinds"]}
 

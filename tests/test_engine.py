@@ -8,6 +8,7 @@ from hlbench.data.sampling import InfiniteShardedSampler
 from hlbench.engine.checkpoint import atomic_save, latest_checkpoint
 from hlbench.engine.distributed import plan_batches
 from hlbench.engine.optim import build_optimizer, lr_at, set_lr
+from hlbench.errors import ConfigError
 from hlbench.methods import Method
 from hlbench.run import run_dir_for
 
@@ -21,14 +22,14 @@ def test_plan_batch_keeps_global_batch(global_batch, world, max_dev, expected):
 
 
 def test_plan_batch_rejects_indivisible():
-    with pytest.raises(ValueError, match="train.batch_size=8"):
+    with pytest.raises(ConfigError, match="train.batch_size=8"):
         plan_batches({"labeled": (8, "train.batch_size")}, 3, 8)
 
 
 def test_streams_share_one_accumulation_count():
     plan = plan_batches({"labeled": (8, "a"), "unlabeled": (16, "b")}, 2, 4)
     assert plan.accum == 2 and plan.per_device == {"labeled": 2, "unlabeled": 4}
-    with pytest.raises(ValueError, match="accumulation"):
+    with pytest.raises(ConfigError, match="accumulation"):
         plan_batches({"labeled": (3, "a"), "unlabeled": (4, "b")}, 1, 2)
 
 

@@ -37,7 +37,7 @@ def _counted_model():
     cfg = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "stem_channels": [8, 8, 16],
                         "pretrained": "none"},
            "head": {"type": "fcn", "in_index": 3, "channels": 8, "num_convs": 1}, "aux": {"enabled": False}}
-    model = build_model(cfg, num_classes=3, hl=True)
+    model = build_model(cfg, num_classes=3, hl={"enabled": True})
     seen = []
     predict_hl = model.predict_hl
     model.predict_hl = lambda img: seen.append(img.shape[0]) or predict_hl(img)

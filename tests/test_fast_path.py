@@ -16,7 +16,7 @@ from hlbench.tracking.run_folder import flatten
 def _step(hydra_overrides, bf16):
     cfg = compose("config", overrides=["experiment=smoke/hl", "logger=none", *hydra_overrides])
     torch.manual_seed(0)
-    model = build_model(cfg.model, num_classes=12, hl=True).train()
+    model = build_model(cfg.model, num_classes=12, hl=cfg.hl).train()
     method = build_method(cfg)
     method.setup(model, plan_batches({"labeled": (4, "train.batch_size")}, 1, 4))
     g = torch.Generator().manual_seed(1)

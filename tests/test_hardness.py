@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from hlbench.errors import ConfigError
 from hlbench.hardness import hardness_loss, hardness_map, hardness_weights
 
 
@@ -96,9 +97,9 @@ def test_image_sum_reduction_is_n_times_mean():
 
 
 def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(ValueError, match="scope"):
+    with pytest.raises(ConfigError, match="scope"):
         hardness_weights(torch.zeros(1, 2, 2), scope="pixel")
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ConfigError, match="group_size"):
         hardness_weights(torch.zeros(3, 2, 2), scope="group", group_size=2)
     with pytest.raises(ValueError, match="pixel_loss"):
         hardness_loss(torch.zeros(1, 2, 2), torch.zeros(1, 1, 3, 3))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hlbench.errors import ConfigError
 from hlbench.models.heads import (ASPPHead, CascadeHead, DepthwiseSeparableASPPHead, FCNHead, OCRHead, PSPHead,
                                   UPerHead)
 
@@ -88,7 +89,7 @@ def test_classifier_init_gives_near_zero_logits():
 
 
 def test_fcn_without_convs_needs_matching_channels():
-    with pytest.raises(ValueError, match="in_channels == channels"):
+    with pytest.raises(ConfigError, match="in_channels == channels"):
         FCNHead(128, 16, 3, num_convs=0)
 
 
@@ -108,7 +109,7 @@ def test_uper_head_shape_and_mmseg_keys():
     assert "lateral_convs.3.conv.weight" not in state and "fpn_convs.3.conv.weight" not in state
     assert head.bottleneck.conv.weight.shape == (16, 128 + 4 * 16, 3, 3)
     assert head.fpn_bottleneck.conv.weight.shape == (16, 4 * 16, 3, 3)
-    with pytest.raises(ValueError, match="in_index"):
+    with pytest.raises(ConfigError, match="in_index"):
         UPerHead(CHANNELS[:3], 16, 5, in_index=[0, 1, 2, 3])
 
 

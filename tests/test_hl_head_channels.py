@@ -15,7 +15,7 @@ SMALL = ["model.backbone.pretrained=none", "model.backbone.depth=18", "model.bac
 
 def test_light_head_narrows_only_the_hl_copy(hydra_ctx):
     cfg = compose("config", overrides=["model=deeplabv3plus_r50", *SMALL, "hl.head_channels=8"])
-    model = build_model(cfg.model, num_classes=5, hl=True, hl_head_channels=cfg.hl.head_channels).train()
+    model = build_model(cfg.model, num_classes=5, hl=cfg.hl).train()
     assert model.decode_head.channels == 32 and model.hl_head.channels == 8
     head = model.hl_head.head
     assert type(head) is type(model.decode_head) and head.c1_bottleneck.conv.out_channels == 48
@@ -35,7 +35,7 @@ def test_light_head_narrows_only_the_hl_copy(hydra_ctx):
                                         ("deeplabv3_r101", {3}), ("ocrnet_r101", {2, 3})])  # OCR: stage 0 reads 2
 def test_light_head_reads_projected_stages_for_every_head_type(hydra_ctx, name, read):
     cfg = compose("config", overrides=[f"model={name}", *SMALL, "hl.head_channels=4"])
-    model = build_model(cfg.model, num_classes=3, hl=True, hl_head_channels=cfg.hl.head_channels).train()
+    model = build_model(cfg.model, num_classes=3, hl=cfg.hl).train()
     assert {i for i, p in enumerate(model.hl_head.project) if not isinstance(p, torch.nn.Identity)} == read
     out = model(torch.randn(2, 3, 64, 64))
     assert out["hl"].shape == (2, 1, *out["out"].shape[2:])

@@ -42,20 +42,39 @@ def test_panel_has_every_column_titled_and_a_colour_bar_per_map(tmp_path):
     images, hl, labels, preds, loss = _batch(n=3)
     hl[:, 0, 0] = 2.0  # the ignored row: outside the scale, which the labelled pixels set
     fig = hl_panel_figure(labels, preds, PALETTE, images=images, hl=hl, loss=loss, hard=_hard(labels),
-                          hard_bits=BITS, max_images=2, title="iteration 8")
+                          hard_bits=BITS, max_images=2, title="smoke/hl-s0, iteration 8",
+                          class_names=["road", "car", "pole"])
     tiles = _tiles(fig)
     assert list(tiles) == ALL_TITLES and all(len(col) == 2 for col in tiles.values())
-    colour_bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
-    assert len(colour_bars) == 2  # HL and loss
+    assert fig._suptitle.get_text() == "smoke/hl-s0, iteration 8"
+    # HL and loss each get a colour bar that says what it measures
+    assert sorted(ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()) == ["CE (nats), capped at p99",
+                                                                              "h (learned hardness)"]
+    fig.canvas.draw()  # lay out: every row's tiles share one top edge and one height, whatever the column
+    for row in zip(*tiles.values()):
+        boxes = [im.axes.get_position() for im in row]
+        assert max(b.y1 for b in boxes) - min(b.y1 for b in boxes) < 1e-6
+        assert max(b.height for b in boxes) - min(b.height for b in boxes) < 1e-6
     # One scale per map column, shared by its rows: the HL bar spans the min..max of the shown maps.
     labelled = labels[:2] != 255
     scored = hl[:2, 0][labelled]
     for im in tiles["HL map h"]:
         assert im.get_clim() == (pytest.approx(float(scored.min())), pytest.approx(float(scored.max())))
     assert tiles["CE loss"][0].get_clim() == (0.0, pytest.approx(float(np.percentile(loss[:2][labelled], 99))))
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert [t.split()[0] for t in legend] == [*BITS, "none"]
+    classes, kinds = ([t.get_text() for t in legend.get_texts()] for legend in fig.legends)
+    assert classes == ["road", "car", "pole", "ignore"]  # every class the ground truth or prediction shows
+    assert [t.split()[0] for t in kinds] == [*BITS, "none"]
     assert save_figure(fig, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_class_legend_names_only_the_classes_shown():
+    labels = np.array([[[0, 0], [2, 255]]])
+    preds = np.array([[[0, 0], [0, 0]]])
+    fig = hl_panel_figure(labels, preds, PALETTE)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["class 0", "class 2", "ignore"]
+    colours = [tuple(np.round(255 * np.array(h.get_facecolor()[:3])).astype(int)) for h in legend.legend_handles]
+    assert colours == [PALETTE[0], PALETTE[2], (0, 0, 0)]
 
 
 def test_label_tiles_are_palette_colours_and_ignore_is_black():

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.hl_study import _Stratum, stability_curves, stability_summary, stratum_miou, study_tables, top_overlap
+from analysis.hl_study import (_Stratum, main, readable, stability_curves, stability_summary, stratum_miou,
+                               study_tables, top_overlap)
 from hlbench.labels import IGNORE_INDEX
 from tests.conftest import TINY, compose_run
 
@@ -53,7 +54,7 @@ def test_curves_separate_a_steady_hl_map_from_a_fading_loss(tmp_path):
     assert loss_rows["auroc.small"].iloc[0] == pytest.approx(1.0) and 0.2 < loss_rows["auroc.small"].iloc[2] < 0.8
     summary = stability_summary([tmp_path], top=0.2)
     assert summary["signal"].tolist() == ["hl", "loss"]
-    assert summary.loc[summary.signal == "hl", "corr_final"].iloc[0].startswith("1.000 ± – (1)")
+    assert summary.loc[summary.signal == "hl", "corr_final"].iloc[0].startswith("1.000 (1)")
 
 
 def test_curves_empty_for_a_run_without_two_snapshots(tmp_path):
@@ -75,6 +76,14 @@ class _Items:
         return self.sample
 
 
+def test_printed_columns_are_named_in_words():
+    assert [readable(c) for c in ("final.mIoU", "report_IoU", "hl_auroc", "stratum.none.mIoU", "stratum.thin.acc",
+                                  "corr_prev", "top_final", "auroc.small", "row")] == [
+        "mIoU", "thin/small IoU", "HL AUROC", "no kind mIoU", "thin acc", "corr. prev", "top 10 % final",
+        "AUROC small", "row"]
+    assert readable("top_prev", top=0.05) == "top 5 % prev"
+
+
 def test_stratum_keeps_only_its_pixels():
     items = _Items()
     assert _Stratum(items, None)[0]["label"].tolist() == [[0, 255], [255, 255]]  # no kind
@@ -91,7 +100,7 @@ def test_stratum_miou_skips_classes_without_truth_in_the_stratum():
 
 
 @pytest.mark.slow
-def test_study_tables_from_real_runs(hydra_ctx, tmp_path):
+def test_study_tables_from_real_runs(hydra_ctx, tmp_path, capsys):
     from hlbench.run import run
 
     cfg, choices, overrides = compose_run(TINY + ["suite=smoke"], tmp_path)
@@ -99,8 +108,13 @@ def test_study_tables_from_real_runs(hydra_ctx, tmp_path):
     tables = study_tables(tmp_path / "smoke")
     assert tables["accuracy"]["row"].tolist() == ["HL", "baseline"]
     assert tables["classes"].columns.tolist() == ["row", *cfg.data.report_classes]  # the data config's thin/small
-    for stratum in ("none", "thin", "small", "boundary", "confusable"):
-        assert f"stratum.{stratum}.acc" in tables["strata"].columns
+    strata = [f"stratum.{s}.{m}" for m in ("mIoU", "acc") for s in ("none", "thin", "small", "boundary", "confusable")]
+    assert tables["strata"].columns.tolist() == ["row", *strata]
+    assert tables["accuracy"].loc[tables["accuracy"]["row"] == "baseline", "hl_auroc"].item() == "–"
     runs = tables["runs"]
     assert ((runs.filter(like="stratum.").to_numpy() >= 0) & (runs.filter(like="stratum.").to_numpy() <= 1)).all()
     assert tables["stability"]["signal"].tolist() == ["hl", "loss"]  # from the HL run's two snapshots
+    capsys.readouterr()  # the runner's own table
+    main([str(tmp_path / "smoke")])
+    printed = capsys.readouterr().out
+    assert "no kind mIoU" in printed and "HL AUROC" in printed and "stratum." not in printed and "±" not in printed

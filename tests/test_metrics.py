@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from hlbench.errors import ConfigError
 from hlbench.losses import pixel_cross_entropy, reduce_pixel_loss
 from hlbench.metrics import ConfusionMatrix, binary_auroc
 
@@ -36,7 +37,7 @@ def test_unmapped_labels_rejected_when_the_metrics_are_read():
     cm = ConfusionMatrix(19)
     cm.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[26, 0], [0, 255]]))  # no host sync here
     cm.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[1, 0], [20, 255]]))
-    with pytest.raises(ValueError, match="label value 26 .* at 2 pixel"):
+    with pytest.raises(ConfigError, match="label value 26 .* at 2 pixel"):
         cm.compute()
     assert cm.mat.sum() == 4  # the out-of-range pixels are left out of the matrix, ignored ones too
 
@@ -68,5 +69,5 @@ def test_ce_denominators():
     assert pix[0, 1, 0] == 0
     assert torch.allclose(reduce_pixel_loss(pix, label, denominator="all_pixels"), pix.sum() / 4)
     assert torch.allclose(reduce_pixel_loss(pix, label, denominator="valid_pixels"), pix.sum() / 3)
-    with pytest.raises(ValueError, match="ce_denominator"):
+    with pytest.raises(ConfigError, match="ce_denominator"):
         reduce_pixel_loss(pix, label, denominator="some")

@@ -2,8 +2,11 @@
 
 The fixture runs are made by the real runner (smoke suite, and two semi-supervised experiments at two label
 splits, a few iterations each); the fixture logs are a made-up authors'-logs tree (README table + mmseg logs).
+Each notebook runs as Jupyter runs it: its kernel in notebooks/, HLBENCH_RUNS given relative to the project root
+(as `HLBENCH_RUNS=outputs jupyter lab notebooks/` from there).
 """
 import json
+import os
 
 import jupytext
 import nbformat
@@ -80,13 +83,16 @@ def write_fake_logs(root):
 
 
 def _execute(notebook, monkeypatch, runs_dir, logs_dir=None):
-    """Run a notebook in a fresh kernel (the venv's python3); returns (all text output, number of images)."""
-    monkeypatch.setenv("HLBENCH_RUNS", str(runs_dir))
+    """Run a notebook in a fresh kernel (the venv's python3) working in notebooks/, as Jupyter does; returns (all
+    text output, stderr included, and the number of images)."""
+    monkeypatch.setenv("HLBENCH_RUNS", runs_dir)
+    monkeypatch.delenv("PWD", raising=False)  # where jupyter was started: unknown, so the project root counts
     monkeypatch.setenv("HLBENCH_LOGS", str(logs_dir or ""))
     # The kernel picks the inline backend (figures become image/png outputs) unless a backend is forced.
     monkeypatch.delenv("MPLBACKEND", raising=False)
     nb = nbformat.read(REPO / "notebooks" / f"{notebook}.ipynb", as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs)
     images = sum("image/png" in o.get("data", {}) for o in outputs)
@@ -108,6 +114,7 @@ ON_RUNS = {
     "paper_tables": (["2 suite(s): semisup_synthetic, smoke", "smoke/hl", "final.mIoU", "toy_table: 0 cell(s) failing",
                       "| NetA", "mean Δ"], ["no suite runs", "no runs", "HLBENCH_LOGS is not"], 1),
 }
+NO_RUNS_WARNING = "does not exist: run `make run`, or set HLBENCH_RUNS"
 ON_NOTHING = {"hl_analysis": ["0 run(s)", "no HL-map panels", "no per-class Δ"],
               "hl_maps": ["0 run(s)", "no panels", "no per-class hardness", "no per-kind hardness"],
               "hl_stability": ["0 HL run(s)", "no stability numbers", "no stability curves", "no snapshot grid"],
@@ -123,8 +130,9 @@ def test_every_notebook_is_checked():
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", sorted(ON_RUNS))
 def test_notebook_runs_on_fixture_runs_and_logs(notebook, fixture_runs, tmp_path, monkeypatch):
-    text, images = _execute(notebook, monkeypatch, fixture_runs, write_fake_logs(tmp_path))
+    text, images = _execute(notebook, monkeypatch, os.path.relpath(fixture_runs, REPO), write_fake_logs(tmp_path))
     expected, notes, n_images = ON_RUNS[notebook]
+    assert f"runs folder: {fixture_runs}\n" in text and NO_RUNS_WARNING not in text
     assert [e for e in expected if e not in text] == [], text
     assert [n for n in notes if n in text] == [], text
     assert images == n_images
@@ -133,6 +141,6 @@ def test_notebook_runs_on_fixture_runs_and_logs(notebook, fixture_runs, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook", sorted(ON_NOTHING))
 def test_notebook_notes_missing_data_instead_of_failing(notebook, tmp_path, monkeypatch):
-    text, images = _execute(notebook, monkeypatch, tmp_path / "nothing_here")
-    assert [e for e in ON_NOTHING[notebook] if e not in text] == [], text
+    text, images = _execute(notebook, monkeypatch, str(tmp_path / "nothing_here"))
+    assert [e for e in ON_NOTHING[notebook] + [NO_RUNS_WARNING] if e not in text] == [], text
     assert images == 0

@@ -12,6 +12,8 @@ from analysis.paper_tables import (build_paper_tables, class_delta, cost_pairs, 
 from analysis.tables import main
 from log_fixtures import mean_percent, write_mmseg_log, write_readme
 
+from hlbench.errors import ConfigError
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["meadow", "power line", "bed "]
 
@@ -175,7 +177,7 @@ def test_readme_with_two_tables_and_bad_row(tmp_path):
     tables = read_readme_tables(readme, "grp")
     assert [(t.name, t.section) for t in tables] == [("grp.1", "One"), ("grp.2", "Two")]
     readme.write_text("| a | b |\n|---|---|\n| x |\n")
-    with pytest.raises(ValueError, match="README.md:3: table row has 1 cells, its header 2"):
+    with pytest.raises(ConfigError, match="README.md:3: table row has 1 cells, its header 2"):
         read_readme_tables(readme, "grp")
 
 
@@ -195,6 +197,19 @@ def test_cli_writes_csv_and_markdown(logs_tree, tmp_path):
     md = (out / "rivers_and_roads.md").read_text()
     assert "| Alpha " in md and "mean Δ" in md and "half a unit" in md
     assert len(pd.read_csv(out / "cells.csv")) == 6 + 6 + 2 + 9
+
+
+def test_a_log_no_readme_links_is_named_with_its_value_not_skipped_silently(logs_tree):
+    from tests.test_log_readers import U2PL
+
+    root, _ = logs_tree
+    (root / "SemiSeg" / "U2PL").mkdir(parents=True)  # the authors' SemiSeg/ folder: evaluation logs, no README
+    (root / "SemiSeg" / "U2PL" / "val_best_1.txt").write_text(U2PL)
+    (root / "SemiSeg" / "notes.txt").write_text("not a log\n")
+    tables, skipped, _ = build_paper_tables(root)
+    assert len(tables) == 4  # the README tables, as before
+    assert skipped == ["SemiSeg/U2PL/val_best_1.txt: no README table links this u2pl_eval log, so no table shows it "
+                       "(last mIoU 68.81)"]
 
 
 def test_cli_bad_folder_is_one_line(tmp_path, capsys):

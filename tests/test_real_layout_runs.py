@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from hlbench.errors import ConfigError
 from hlbench.run import run
 from tests.conftest import compose_run
 from tests.test_datasets import make_ade, make_cityscapes, make_gta
@@ -60,5 +61,5 @@ def test_training_refuses_unmapped_validation_labels(hydra_ctx, tmp_path):
     bad.write_bytes(next(bad.parent.glob("*_labelIds.png")).read_bytes())
     cfg, choices, overrides = compose_run(["experiment=fullsup/pspnet_r101", f"data.root={root}", *SHRINK],
                                           tmp_path / "out")
-    with pytest.raises(ValueError, match=r"labelTrainIds.png: values \[.*\] are outside the train ids"):
+    with pytest.raises(ConfigError, match=r"labelTrainIds.png: values \[.*\] are outside the train ids"):
         run(cfg, choices, overrides)

@@ -101,10 +101,16 @@ def _grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 
 
+def _labelled_total(terms):
+    """(total, logs with mmseg's "loss") as the supervised method adds the labelled terms."""
+    total = terms.seg + terms.hl + terms.aux
+    return total, {**terms.logs, "loss": total.detach()}
+
+
 def _single(cfg, per_device=GPUS * PER_GPU):
     model = _model(cfg.hl.enabled)
     imgs, labels = _data()
-    total, logs = LabelledLoss(cfg, per_device)(model(imgs), labels, False)
+    total, logs = _labelled_total(LabelledLoss(cfg, per_device)(model(imgs), labels, False))
     total.backward()
     return {"grads": _grads(model), "logs": {k: v.detach() for k, v in logs.items()}}
 
@@ -117,7 +123,7 @@ def _ddp_worker(rank, port, cases, out_file):
         for name, plain in cases.items():
             cfg = OmegaConf.create(plain)
             model = nn.parallel.DistributedDataParallel(_model(cfg.hl.enabled))
-            total, logs = LabelledLoss(cfg, PER_GPU)(model(imgs[mine]), labels[mine], False)
+            total, logs = _labelled_total(LabelledLoss(cfg, PER_GPU)(model(imgs[mine]), labels[mine], False))
             total.backward()
             results[name] = {"grads": _grads(model.module), "logs": all_reduce_mean(logs)}
         if rank == 0:

@@ -92,8 +92,9 @@ def _assert_resumed_equals(resumed, uninterrupted):
     summary, state = uninterrupted
     assert resumed["final"] == summary["final"] and resumed["best"] == summary["best"]
     final = _load(Path(resumed["run_dir"]) / "checkpoints/iter_000015.pth")
-    for key in ("model", "optimizer", "method", "rng", "best", "iter", "skipped_nonfinite"):
+    for key in ("model", "optimizer", "method", "ranks", "best", "iter", "skipped_nonfinite"):
         _assert_same(final[key], state[key], key)
+
 
 
 def _start(over, out):
@@ -134,38 +135,45 @@ def _wait_until_trained(proc, run_dir, it: int) -> int:
 
 
 def test_sigkill_at_a_random_iteration_then_resume_equals_an_uninterrupted_run(hydra_ctx, tmp_path, uninterrupted):
-    target = random.randrange(4, 13)  # iteration 3's checkpoint exists once iteration 4 is logged
+    # A fresh kill point each run, from a printed seed: HLBENCH_KILL_SEED=<seed> repeats a failing one.
+    seed = int(os.environ.get("HLBENCH_KILL_SEED") or random.SystemRandom().randrange(2 ** 32))
+    target = random.Random(seed).randrange(4, 13)  # iteration 3's checkpoint exists once iteration 4 is logged
+    print(f"HLBENCH_KILL_SEED={seed}: SIGKILL once iteration {target} is logged")
     proc = _start(LONG, tmp_path)
     run_dir = tmp_path / "runs" / "smoke-hl-smoke" / "seed0"
     seen = _wait_until_trained(proc, run_dir, target)
     os.killpg(proc.pid, signal.SIGKILL)  # the node dies: no handler runs, maybe mid-write
     proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL and not (run_dir / "summary.json").exists(), (target, seen)
+    assert proc.returncode == -signal.SIGKILL and not (run_dir / "summary.json").exists(), (seed, target, seen)
     resumed = _run(LONG + ["resume=true"], tmp_path)  # the killed job's folder lock went with it
     assert resumed["run_dir"] == str(run_dir)
-    assert 3 <= resumed["resumed_from"] < 15 and resumed["resumed_from"] % 3 == 0, (target, seen)
+    assert 3 <= resumed["resumed_from"] < 15 and resumed["resumed_from"] % 3 == 0, (seed, target, seen)
     _assert_resumed_equals(resumed, uninterrupted)
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+# SIGINT: a Ctrl-C, which the terminal sends to every process of the foreground group, loader workers included.
+@pytest.mark.parametrize("sig,status", [("SIGTERM", REQUEUE_EXIT), ("SIGUSR1", REQUEUE_EXIT), ("SIGINT", 130)])
 def test_stop_signal_checkpoints_the_step_exits_for_requeue_and_resumes_exactly(hydra_ctx, tmp_path, uninterrupted,
-                                                                                 sig):
+                                                                                 sig, status):
     proc = _start(LONG, tmp_path)
     run_dir = tmp_path / "runs" / "smoke-hl-smoke" / "seed0"
     _wait_until_trained(proc, run_dir, 2)
     os.killpg(proc.pid, getattr(signal, sig))  # to the loader worker too, as SLURM signals every process
     proc.wait(timeout=120)
     err = _stderr(proc)
-    assert proc.returncode == REQUEUE_EXIT, err[-3000:]
+    assert proc.returncode == status, err[-3000:]
     (line,) = [ln for ln in err.splitlines() if ln.startswith("stopped:")]
     assert "Traceback" not in err and sig in line and "resume=true" in line
     stopped_at = int(re.search(r"at iteration (\d+)", line).group(1))
     assert stopped_at < 15 and not (run_dir / "summary.json").exists()
     assert _load(run_dir / f"checkpoints/iter_{stopped_at:06d}.pth")["iter"] == stopped_at
     if sig == "SIGTERM":  # SIGUSR1 takes the same path from here on
+        before = _load(run_dir / f"checkpoints/iter_{stopped_at:06d}.pth")["train_time_s"]
         resumed = _run(LONG + ["resume=true"], tmp_path)
         assert resumed["resumed_from"] == stopped_at
         _assert_resumed_equals(resumed, uninterrupted)
+        # The summary's training time counts the segment before the stop as well.
+        assert resumed["train_time_s"] > before > 0
 
 
 def test_a_launchers_own_handler_runs_after_the_checkpoint(hydra_ctx, tmp_path):

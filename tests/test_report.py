@@ -39,3 +39,18 @@ def test_methods_by_split_table_is_shaped_like_the_paper():
     assert "76.00 (75.7)" in unimatch and "80.00 (–)" in unimatch
     last = text[text.index("mIoU x100, last iteration:"):]
     assert "58.50 ± 0.71 (2) (70.0)" in next(line for line in last if line.startswith("U2PL"))
+
+
+def test_a_smoke_model_run_is_not_set_beside_the_papers_number():
+    from hlbench.report import methods_by_split_table
+
+    card = {"row": "U2PL", "column": "1/8", "value": 74.4, "s_per_iter": 0.9}
+    smoke = dict(_summary("semisup/u2pl_1_8", 0, 0.5, paper=card), profile="smoke", best={"mIoU": 0.5})
+    fast = dict(_summary("semisup/u2pl_1_4", 0, 0.6, paper=dict(card, column="1/4")), profile="fast",
+                best={"mIoU": 0.6})
+    lines = comparison_table([smoke, fast]).splitlines()
+    smoke_line = next(line for line in lines if line.startswith("semisup/u2pl_1_8"))
+    assert smoke_line.count("smoke model") == 2 and "74.40" not in smoke_line  # mIoU and s/iter
+    assert "74.40" in next(line for line in lines if line.startswith("semisup/u2pl_1_4"))  # same model, bf16
+    table = methods_by_split_table([smoke, fast])
+    assert "50.00 (smoke model)" in table and "60.00 (74.4)" in table and "50.00 (74.4)" not in table

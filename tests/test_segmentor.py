@@ -8,6 +8,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 import hlbench.models
+from hlbench.errors import ConfigError
 from hlbench.models import build_model
 from hlbench.models.heads import CascadeHead, PSPHead
 from hlbench.models.segmentor import Segmentor, window_starts
@@ -21,7 +22,7 @@ def tiny_cfg():
 
 
 def test_training_outputs(tiny_cfg):
-    model = build_model(tiny_cfg, num_classes=5, hl=True).train()
+    model = build_model(tiny_cfg, num_classes=5, hl={"enabled": True}).train()
     out = model(torch.randn(2, 3, 64, 64))
     assert set(out) == {"out", "aux", "hl"}
     assert out["out"].shape == (2, 5, 8, 8) and out["aux"].shape == (2, 5, 8, 8) and out["hl"].shape == (2, 1, 8, 8)
@@ -29,23 +30,23 @@ def test_training_outputs(tiny_cfg):
 
 
 def test_eval_forward_has_only_out(tiny_cfg):
-    model = build_model(tiny_cfg, num_classes=5, hl=True).eval()
+    model = build_model(tiny_cfg, num_classes=5, hl={"enabled": True}).eval()
     assert set(model(torch.randn(1, 3, 64, 64))) == {"out"}
 
 
 def test_hl_head_is_a_one_channel_copy_of_the_decode_head(tiny_cfg):
-    model = build_model(tiny_cfg, num_classes=5, hl=True)
+    model = build_model(tiny_cfg, num_classes=5, hl={"enabled": True})
     assert type(model.hl_head) is type(model.decode_head) is PSPHead
     assert model.hl_head.conv_seg.out_channels == 1
     hl_keys, decode_keys = model.hl_head.state_dict().keys(), model.decode_head.state_dict().keys()
     assert hl_keys == decode_keys
     assert model.hl_head.bottleneck.conv.weight is not model.decode_head.bottleneck.conv.weight
-    assert build_model(tiny_cfg, num_classes=5, hl=False).hl_head is None
+    assert build_model(tiny_cfg, num_classes=5).hl_head is None
 
 
 @pytest.mark.parametrize("detach", [True, False])
 def test_hl_gradient_reaches_the_backbone_only_without_detach(tiny_cfg, detach):
-    model = build_model(tiny_cfg, num_classes=5, hl=True, detach_hl_features=detach).train()
+    model = build_model(tiny_cfg, num_classes=5, hl={"enabled": True, "detach_features": detach}).train()
     model(torch.randn(2, 3, 64, 64))["hl"].sum().backward()
     backbone_grads = [p.grad for p in model.backbone.parameters()]
     assert all(g is None for g in backbone_grads) == detach
@@ -54,24 +55,24 @@ def test_hl_gradient_reaches_the_backbone_only_without_detach(tiny_cfg, detach):
 
 
 def test_predict_and_predict_hl_at_input_size(tiny_cfg):
-    model = build_model(tiny_cfg, num_classes=5, hl=True).eval()
+    model = build_model(tiny_cfg, num_classes=5, hl={"enabled": True}).eval()
     img = torch.randn(1, 3, 60, 76)
     assert model.predict(img).shape == (1, 5, 60, 76)
     assert model.predict_hl(img).shape == (1, 1, 60, 76)
-    with pytest.raises(ValueError, match="hl=True"):
-        build_model(tiny_cfg, num_classes=5, hl=False).predict_hl(img)
+    with pytest.raises(ValueError, match="hl.enabled"):
+        build_model(tiny_cfg, num_classes=5).predict_hl(img)
     with pytest.raises(ValueError, match="mode"):
         model.predict(img, mode="tiles")
 
 
 def test_slide_equals_whole_when_one_window_covers_the_image(tiny_cfg):
-    model = build_model(tiny_cfg, num_classes=5, hl=False).eval()
+    model = build_model(tiny_cfg, num_classes=5).eval()
     img = torch.randn(2, 3, 64, 48)
     torch.testing.assert_close(model.predict(img, "slide", crop=(64, 48), stride=(32, 32)), model.predict(img))
 
 
 def test_slide_pads_images_smaller_than_the_window(tiny_cfg):
-    model = build_model(tiny_cfg, num_classes=5, hl=False).eval()
+    model = build_model(tiny_cfg, num_classes=5).eval()
     img = torch.randn(1, 3, 40, 56)
     padded = torch.nn.functional.pad(img, (0, 8, 0, 24))
     expected = model.predict(padded)[:, :, :40, :56]
@@ -129,7 +130,7 @@ def test_every_model_config_builds():
         cfg = OmegaConf.load(path)
         cfg.backbone.pretrained = "none"  # the architecture, not the ImageNet file
         with torch.device("meta"):
-            model = build_model(cfg, num_classes=19, hl=True)
+            model = build_model(cfg, num_classes=19, hl={"enabled": True})
         assert cfg.name == path.stem
         stages = list(model.decode_head) if isinstance(model.decode_head, CascadeHead) else [model.decode_head]
         hl_last = model.hl_head[-1] if isinstance(model.hl_head, CascadeHead) else model.hl_head
@@ -145,10 +146,9 @@ def test_every_model_config_builds():
 def test_reference_model_widths():
     scratch = {"backbone": {"pretrained": "none"}}
     with torch.device("meta"):
-        psp = build_model(OmegaConf.merge(OmegaConf.load(MODEL_CONFIGS[0].parent / "pspnet_r101.yaml"), scratch), 19,
-                          hl=False)
+        psp = build_model(OmegaConf.merge(OmegaConf.load(MODEL_CONFIGS[0].parent / "pspnet_r101.yaml"), scratch), 19)
         dlv3p = build_model(OmegaConf.merge(OmegaConf.load(MODEL_CONFIGS[0].parent / "deeplabv3plus_r50.yaml"),
-                                            scratch), 19, hl=False)
+                                            scratch), 19)
     assert psp.decode_head.bottleneck.conv.weight.shape == (512, 2048 + 4 * 512, 3, 3)
     assert psp.auxiliary_head.convs[0].conv.weight.shape == (256, 1024, 3, 3)
     assert dlv3p.decode_head.c1_bottleneck.conv.weight.shape == (48, 256, 1, 1)
@@ -163,5 +163,5 @@ def test_reference_model_widths():
 def test_build_model_config_errors(tiny_cfg, section, change, error):
     cfg = OmegaConf.to_container(tiny_cfg)
     cfg[section].update(change)
-    with pytest.raises(ValueError, match=error):
-        build_model(cfg, num_classes=5, hl=False)
+    with pytest.raises(ConfigError, match=error):
+        build_model(cfg, num_classes=5)

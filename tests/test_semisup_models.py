@@ -10,6 +10,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 import hlbench.models
+from hlbench.errors import ConfigError
 from hlbench.models import build_model, load_checkpoint, load_pretrained
 from hlbench.models.checkpoints import map_checkpoint_keys
 from hlbench.models.heads import FP_DROPOUT, ASPPPlusHead, resize
@@ -33,7 +34,7 @@ def _config(variant, **backbone):
 
 def _model(variant, hl=True, seed=0):
     torch.manual_seed(seed)
-    model = build_model(_config(variant), NUM_CLASSES, hl=hl)
+    model = build_model(_config(variant), NUM_CLASSES, hl={"enabled": hl})
     with torch.no_grad():  # non-trivial BN statistics, so that a wrongly loaded buffer shows
         for name, buf in model.named_buffers():
             if name.endswith("running_mean"):
@@ -70,7 +71,7 @@ def test_os8_multi_grid_of_the_configs(variant):
     cfg = OmegaConf.load(MODEL_DIR / f"deeplabv3plus_r101_{variant}.yaml")
     cfg.backbone.pretrained = "none"
     with torch.device("meta"):
-        backbone = build_model(cfg, 19, hl=False).backbone
+        backbone = build_model(cfg, 19).backbone
     assert isinstance(backbone, ResNetV1s) and backbone.out_channels == [256, 512, 1024, 2048]
     # replace_stride_with_dilation [False, True, True] + multi-grid: layer3 1 then 2; layer4 4, 8, 16.
     assert _dilations(backbone.layer2) == [1] * 4 and backbone.layer2[0].conv2.stride == (2, 2)
@@ -120,7 +121,7 @@ def test_their_imagenet_file_loads_with_a_report(tmp_path):
     assert report["missing"] == [] and report["unexpected"] == ["fc.weight", "fc.bias"]
 
     cfg = _config("unimatch", pretrained=str(path))
-    model = build_model(cfg, NUM_CLASSES, hl=False)
+    model = build_model(cfg, NUM_CLASSES)
     for key, value in source.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
 
@@ -131,7 +132,7 @@ def test_u2pl_layers_at_full_width():
     cfg = OmegaConf.load(MODEL_DIR / "deeplabv3plus_r101_u2pl.yaml")
     cfg.backbone.pretrained = "none"
     with torch.device("meta"):
-        model = build_model(cfg, 19, hl=True)
+        model = build_model(cfg, 19, hl={"enabled": True})
     head = model.decode_head
     assert isinstance(head, ASPPPlusHead) and model.align_corners is True
     assert [m.conv.dilation[0] for m in head.aspp_modules] == [1, 12, 24, 36]
@@ -153,7 +154,7 @@ def test_unimatch_layers_at_full_width():
     cfg = OmegaConf.load(MODEL_DIR / "deeplabv3plus_r101_unimatch.yaml")
     cfg.backbone.pretrained = "none"
     with torch.device("meta"):
-        model = build_model(cfg, 19, hl=True)
+        model = build_model(cfg, 19, hl={"enabled": True})
     head = model.decode_head
     assert model.auxiliary_head is None and head.representation is None and model.align_corners is True
     assert head.bottleneck.conv.weight.shape == (256, 1280, 1, 1)  # the ASPP projection
@@ -235,8 +236,8 @@ def test_fp_is_channel_dropout_at_one_half_on_both_decoder_inputs():
 
 def test_fp_needs_a_head_that_has_it():
     tiny = OmegaConf.load(MODEL_DIR / "pspnet_r18_tiny.yaml")
-    with pytest.raises(ValueError, match="feature perturbation"):
-        build_model(tiny, NUM_CLASSES, hl=False)(torch.randn(1, 3, 32, 32), feature_perturbation=True)
+    with pytest.raises(ConfigError, match="feature perturbation"):
+        build_model(tiny, NUM_CLASSES)(torch.randn(1, 3, 32, 32), feature_perturbation=True)
 
 
 @pytest.mark.parametrize("variant", ["u2pl", "unimatch"])

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from analysis.suite_tables import suite_table
+from analysis.suite_tables import profiles, suite_table
 from hlbench.suites import load_suite, paper_card
 
 
@@ -17,10 +17,22 @@ def test_fullsup_table_has_the_papers_rows_and_columns_with_ours_beside_its_numb
     assert table.index.tolist() == ["fcn", "pspnet", "deeplabv3", "deeplabv3plus", "upernet", "ocrnet"]
     assert table.columns.tolist() == ["baseline", "HL"] and table.columns.name == "final"
     paper = paper_card("fullsup/fcn_r101_hl")["value"]
-    assert table.loc["fcn", "HL"] == f"70.5 ± 0.7 (2) | {paper:g}"
-    assert table.loc["ocrnet", "baseline"].startswith(" | ")  # no run yet: the paper's number alone
+    assert table.loc["fcn", "HL"] == f"70.5 ± 0.7 (2); paper {paper:g}"
+    assert table.loc["ocrnet", "baseline"] == f"; paper {paper_card('fullsup/ocrnet_r101')['value']:g}"  # no run yet
     assert suite_table(runs, "fullsup", "best").loc["fcn", "HL"].startswith("72.5 ± 0.7 (2)")
     assert "final" in table.attrs["title"]
+
+
+def test_a_profiles_runs_make_their_own_table_and_a_smoke_model_is_not_set_beside_the_paper():
+    real = _runs(["fullsup/fcn_r101"], 0.70, 0.72).assign(profile=None)
+    smoke = _runs(["fullsup/fcn_r101"], 0.05, 0.05).assign(profile="smoke")
+    runs = pd.concat([real, smoke], ignore_index=True)
+    assert profiles(runs) == [None, "smoke"] and profiles(_runs(["x"], 0, 0)) == [None]
+    paper = paper_card("fullsup/fcn_r101")["value"]
+    assert suite_table(runs, "fullsup").loc["fcn", "baseline"] == f"70.5 ± 0.7 (2); paper {paper:g}"
+    table = suite_table(runs, "fullsup", profile="smoke")
+    assert table.loc["fcn", "baseline"] == "5.5 ± 0.7 (2); smoke model"
+    assert table.loc["ocrnet", "HL"] == "; smoke model" and "profile=smoke" in table.attrs["title"]
 
 
 def test_every_paper_suite_is_a_full_grid_and_the_bare_lists_are_refused():

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from hlbench.data import build_datasets, worker_init_fn
 from hlbench.data.synthetic import (CLASSES, CONFUSABLE_PAIRS, HARD_BITS, PALETTE, POLE, SKY, SMALL_CLASSES,
                                     THIN_CLASSES, WIRE, SyntheticStreets, generate_scene)
+from hlbench.errors import ConfigError
 
 SIZE = (96, 128)
 CONFIG = Path(__file__).resolve().parents[1] / "hlbench" / "conf" / "data" / "synthetic.yaml"
@@ -89,9 +90,9 @@ def test_unlabeled_split_hides_labels_and_uses_other_scenes():
 
 
 def test_bad_arguments_raise_clear_errors():
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(ConfigError, match="split"):
         SyntheticStreets("test", 4)
-    with pytest.raises(ValueError, match="domain"):
+    with pytest.raises(ConfigError, match="domain"):
         generate_scene(SIZE, 0, "train", 0, domain="night")
     with pytest.raises(IndexError):
         SyntheticStreets("val", 2)[2]
@@ -171,9 +172,9 @@ def test_dataloader_workers_reproduce_batches_given_the_loader_generator():
 def test_build_datasets_rejects_unknown_names_and_class_counts():
     cfg = small_config()
     cfg.name = "cityscapes-typo"
-    with pytest.raises(ValueError, match="synthetic"):
+    with pytest.raises(ConfigError, match="synthetic"):
         build_datasets(cfg, seed=0)
     cfg = small_config()
     cfg.num_classes = 19
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ConfigError, match="num_classes"):
         build_datasets(cfg, seed=0)

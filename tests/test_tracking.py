@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from hlbench.errors import ConfigError
 from hlbench.tracking import (Tracker, append_jsonl, atomic_write_json, current_metrics, environment_record,
                               read_jsonl)
 from hlbench.tracking.tracker import wandb_mode
@@ -241,6 +242,6 @@ def test_tracker_survives_wandb_init_failure(wandb_offline, tmp_path, monkeypatc
 
 
 def test_unknown_logger_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="'tensorboard'"):
+    with pytest.raises(ConfigError, match="'tensorboard'"):
         _tracker(tmp_path, logger="tensorboard")
     assert os.listdir(tmp_path) == []

@@ -7,6 +7,7 @@ import torch
 from hlbench.data import normalize_batch, transforms
 from hlbench.data.transforms import (Pad, PhotoMetricDistortion, RandomCrop, RandomFlip, RandomResize, ToTensor,
                                      build_test_pipeline, build_train_pipeline, rescale_size, sample_rng)
+from hlbench.errors import ConfigError
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
@@ -135,7 +136,7 @@ def test_pad_fills_image_zero_label_ignore_masks_zero_and_records_img_hw():
     assert (out["label"][30:] == 255).all() and (out["label"][:, 20:] == 255).all()
     assert not out["hard"][30:].any() and not out["hard"][:, 20:].any()
     assert np.array_equal(out["label"][:30, :20], sample["label"])
-    with pytest.raises(ValueError, match="larger than the pad size"):
+    with pytest.raises(ConfigError, match="larger than the pad size"):
         Pad((16, 24))(sample)
 
 
@@ -159,11 +160,11 @@ def test_train_pipeline_outputs_crop_sized_tensors():
 
 
 def test_pipeline_builders_reject_bad_configs():
-    with pytest.raises(KeyError, match="crop"):
+    with pytest.raises(ConfigError, match="crop"):
         build_train_pipeline({"flip": 0.5})
-    with pytest.raises(KeyError, match="flipp"):
+    with pytest.raises(ConfigError, match="flipp"):
         build_train_pipeline({"crop": [8, 8], "flipp": 0.5})
-    with pytest.raises(ValueError, match="ratio_range"):
+    with pytest.raises(ConfigError, match="ratio_range"):
         build_train_pipeline({"crop": [8, 8], "resize": {"scale": [8, 8], "ratio_range": [2, 1]}})
     out = build_test_pipeline({"resize": None})(make_sample(), None)
     assert out["img"].shape == (3, 40, 60)

@@ -13,6 +13,7 @@ from hydra import compose
 from omegaconf import OmegaConf
 
 import hlbench.methods.unimatch as um
+from hlbench.errors import ConfigError
 from hlbench.methods import METHODS, LabelledLoss
 from hlbench.methods.strong_aug import strong_view, unimatch_box
 from hlbench.methods.unimatch import UniMatch, mixed_targets, paste_in_box, resolve_flags, unsup_loss
@@ -123,7 +124,7 @@ def test_behaviour_sets_flags_and_each_flag_overrides():
     assert resolve_flags(OmegaConf.merge(cfg, {"behaviour": "paper"})) == {"eval_selection": "sliding_only"}
     assert resolve_flags(OmegaConf.merge(cfg, {"flags": {"eval_selection": "sliding_only"}}))["eval_selection"] == \
         "sliding_only"
-    with pytest.raises(ValueError, match="method.flags.eval_selection"):
+    with pytest.raises(ConfigError, match="method.flags.eval_selection"):
         resolve_flags(OmegaConf.merge(cfg, {"flags": {"eval_selection": "best"}}))
 
 
@@ -259,7 +260,7 @@ def _uniform_hl_forward(self, img, feature_perturbation=False):
 def test_hl_loss_comes_from_the_labelled_loss_only(hydra_ctx, monkeypatch):
     batches = _batches()
     x, y = batches["labeled"]["img"], batches["labeled"]["label"]
-    reference = LabelledLoss(_cfg("hl.enabled=true"), 2)({"out": x, "hl": x[:, :1]}, y, False)[1]
+    reference = LabelledLoss(_cfg("hl.enabled=true"), 2)({"out": x, "hl": x[:, :1]}, y, False).logs
     # apply_to without sup: the labelled CE is unweighted, L_h is still the labelled pixels' one.
     loss, logs = _step(monkeypatch, _cfg("hl.enabled=true", "hl.semisup.apply_to=[unimatch.fp]"), hl=True)
     assert logs["weight_loss"].item() == pytest.approx(reference["weight_loss"].item(), rel=1e-6)

@@ -122,12 +122,12 @@ def test_build_model_loads_the_named_file_from_the_weights_dir(hydra_ctx, tmp_pa
     # Test-made bytes under the real name: its sha256 prefix is wrong, which the loader does not check.
     torch.save(source.state_dict(), tmp_path / R18)
     with caplog.at_level(logging.INFO, logger="hlbench.models.pretrained"):
-        model = build_model(cfg.model, num_classes=3, hl=False, weights_dir=tmp_path)
+        model = build_model(cfg.model, num_classes=3, weights_dir=tmp_path)
     assert f"tensors from {tmp_path / R18}" in caplog.text
     for key, value in source.state_dict().items():
         torch.testing.assert_close(model.backbone.state_dict()[key], value)
     with pytest.raises(ConfigError, match=f"{R18}: no weights folder is set"):
-        build_model(cfg.model, num_classes=3, hl=False)
+        build_model(cfg.model, num_classes=3)
 
 
 # --- list and check ---------------------------------------------------------------------------------------------

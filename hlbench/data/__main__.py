@@ -14,6 +14,8 @@ from hlbench.data.decoded_cache import DecodedCache
 from hlbench.data.mock import DEFAULT_SIZES, write_mock
 from hlbench.data.prepare import check_dataset, prepare_labels
 from hlbench.data.transforms import build_train_pipeline, worker_init_fn
+from hlbench.engine.cores import usable_cores
+from hlbench.errors import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
 # Data set name -> (train set from a root and a transform, data config whose train_pipeline `bench` uses).
@@ -47,11 +49,14 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     prep = sub.add_parser("prepare", help="write *_labelTrainIds.png next to the raw labels (resumable)")
     prep.add_argument("dataset", choices=["cityscapes", "gta5"])
-    check = sub.add_parser("check", help="validate the layout and labels; exit code 2 on errors")
+    check = sub.add_parser("check", help="validate the layout, decode every image and label; exit code 2 on errors")
     check.add_argument("dataset", choices=["cityscapes", "gta5", "ade20k"])
+    check.add_argument("--quick", action="store_true",
+                       help="read only the images' headers: quicker, but a truncated or corrupt image passes")
     for p in (prep, check):
         p.add_argument("--root", required=True, type=Path)
-        p.add_argument("--workers", type=int, default=1)
+        p.add_argument("--workers", type=int, default=usable_cores(),
+                       help="parallel processes (default: the cores this process may use)")
     timing = sub.add_parser("bench", help="train items per second per core (decode + augmentation)")
     timing.add_argument("dataset", choices=sorted(BENCH))
     timing.add_argument("--root", required=True, type=Path)
@@ -68,7 +73,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as err:  # bad roots and files: one line naming them
+    except ConfigError as err:  # bad roots and files: one line naming them; anything else keeps its traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -79,7 +84,7 @@ def _run(args) -> int:
         print(f"{args.dataset}: wrote {written} trainId labels, {skipped} already present")
         return 0
     if args.command == "check":
-        counts, errors, warnings = check_dataset(args.dataset, args.root, args.workers)
+        counts, errors, warnings = check_dataset(args.dataset, args.root, args.workers, decode=not args.quick)
         for line in warnings:
             print(f"warning: {line}")
         for line in errors:

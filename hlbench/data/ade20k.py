@@ -7,6 +7,7 @@ import numpy as np
 
 from hlbench.data.files import IGNORE_INDEX, LabelledFiles, config_split, require_dir
 from hlbench.data.transforms import build_split_pipelines, config_value
+from hlbench.errors import ConfigError, MissingInputError
 
 # mmseg 0.x ADE20KDataset order; 'bed ' keeps its trailing space so log keys match the reference (results.md §13.2).
 CLASSES = (
@@ -60,13 +61,13 @@ REDUCE_ZERO_LABEL = _reduce_zero_label()
 def ade20k_pairs(root, split: str) -> list[tuple[Path, Path, np.ndarray]]:
     """[(image, annotation, reduce-zero LUT)]; FileNotFoundError naming a missing folder or label."""
     if split not in SPLITS:
-        raise ValueError(f"ade20k split must be one of {sorted(SPLITS)}, got {split!r}")
+        raise ConfigError(f"ade20k split must be one of {sorted(SPLITS)}, got {split!r}")
     annotations = require_dir(Path(root) / "annotations" / SPLITS[split])
     pairs = []
     for image in sorted(require_dir(Path(root) / "images" / SPLITS[split]).glob("*.jpg")):
         label = annotations / f"{image.stem}.png"
         if not label.is_file():
-            raise FileNotFoundError(f"image {image} has no label: expected {label}")
+            raise MissingInputError(f"image {image} has no label: expected {label}")
         pairs.append((image, label, REDUCE_ZERO_LABEL))
     return pairs
 
@@ -77,7 +78,7 @@ class ADE20K(LabelledFiles):
     def __init__(self, root, split: str, transform=None, aug_seed: int = 0):
         pairs = ade20k_pairs(root, split)
         if not pairs:
-            raise FileNotFoundError(f"no *.jpg images under {Path(root) / 'images' / SPLITS[split]}")
+            raise MissingInputError(f"no *.jpg images under {Path(root) / 'images' / SPLITS[split]}")
         # Annotations hold 0 (other) and the 150 class indices.
         super().__init__(pairs, CLASSES, PALETTE, transform, aug_seed, raw_max=len(CLASSES))
         self.root, self.split = Path(root), split

@@ -9,6 +9,7 @@ from cityscapesscripts.helpers.labels import labels as _CITYSCAPES_LABELS
 from hlbench.data.files import IGNORE_INDEX, LabelledFiles, config_split, require_dir
 from hlbench.data.semisup import Split, UnlabeledImages, derived_label, resolve_split
 from hlbench.data.transforms import build_split_pipelines, config_value
+from hlbench.errors import ConfigError, MissingInputError
 
 CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
            "terrain", "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle")
@@ -39,7 +40,7 @@ MAX_LABEL_ID = max(label.id for label in _CITYSCAPES_LABELS)
 def cityscapes_images(root, split: str) -> list[Path]:
     """Sorted leftImg8bit images of `split`; FileNotFoundError naming a missing folder."""
     if split not in SPLITS:
-        raise ValueError(f"cityscapes split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"cityscapes split must be one of {SPLITS}, got {split!r}")
     return sorted(require_dir(Path(root) / "leftImg8bit" / split).glob(f"*/*{IMAGE_SUFFIX}"))
 
 
@@ -61,7 +62,7 @@ def cityscapes_pairs(root, split: str) -> list[tuple[Path, Path, np.ndarray | No
         elif label_ids.is_file():
             pairs.append((image, label_ids, ID_TO_TRAIN_ID))
         else:
-            raise FileNotFoundError(f"image {image} has no label: expected {train_ids} or {label_ids}")
+            raise MissingInputError(f"image {image} has no label: expected {train_ids} or {label_ids}")
     return pairs
 
 
@@ -71,7 +72,7 @@ class Cityscapes(LabelledFiles):
     def __init__(self, root, split: str, transform=None, aug_seed: int = 0):
         pairs = cityscapes_pairs(root, split)
         if not pairs:
-            raise FileNotFoundError(f"no *{IMAGE_SUFFIX} images under {Path(root) / 'leftImg8bit' / split}")
+            raise MissingInputError(f"no *{IMAGE_SUFFIX} images under {Path(root) / 'leftImg8bit' / split}")
         super().__init__(pairs, CLASSES, PALETTE, transform, aug_seed, raw_max=MAX_LABEL_ID)
         self.root, self.split = Path(root), split
 
@@ -122,7 +123,7 @@ def split_files(root, split: Split, require_all: bool = True) -> tuple[list[tupl
     missing += [image for image in unlabeled if not image.is_file()]
     if missing and require_all:
         total = 2 * len(split.labeled) + len(split.unlabeled)
-        raise FileNotFoundError(f"split {split.source}: {len(missing)} of the {total} listed files are missing "
+        raise MissingInputError(f"split {split.source}: {len(missing)} of the {total} listed files are missing "
                                 f"under {root}; the first is {missing[0]}")
     return pairs, unlabeled
 

@@ -14,6 +14,7 @@ from hlbench.data.transforms import Compose, ToTensor, config_value, sample_rng
 from hlbench.atomic_files import atomic_write
 from hlbench.data.bad_samples import BadSampleError, BadSampleLog
 from hlbench.data.decoded_cache import read_through
+from hlbench.errors import ConfigError, MissingInputError
 from hlbench.labels import IGNORE_INDEX
 
 log = logging.getLogger("hlbench")
@@ -22,7 +23,7 @@ log = logging.getLogger("hlbench")
 def require_dir(path: Path) -> Path:
     """`path`, or a FileNotFoundError naming the missing folder."""
     if not path.is_dir():
-        raise FileNotFoundError(f"missing folder {path}")
+        raise MissingInputError(f"missing folder {path}")
     return path
 
 
@@ -151,7 +152,7 @@ class LabelledFiles(Dataset):
     def __init__(self, pairs: list, classes, palette, transform=None, aug_seed: int = 0, read_raw=read_label,
                  raw_max: int | None = None, bad_samples: BadSampleLog | None = None):
         if not pairs:
-            raise ValueError("no (image, label) pairs found")
+            raise ConfigError("no (image, label) pairs found")
         self.pairs, self.read_raw, self.aug_seed, self.raw_max = list(pairs), read_raw, int(aug_seed), raw_max
         self.classes, self.palette = list(classes), [tuple(c) for c in palette]
         self.transform = transform if transform is not None else Compose([ToTensor()])

@@ -9,6 +9,7 @@ import numpy as np
 from hlbench.data.cityscapes import CLASSES, ID_TO_TRAIN_ID, PALETTE, Cityscapes
 from hlbench.data.files import LabelledFiles, config_split, read_palette_indices, require_dir
 from hlbench.data.transforms import build_split_pipelines, config_value
+from hlbench.errors import MissingInputError
 
 KNOWN_COUNT = 24966
 TRAIN_ID_SUFFIX = "_labelTrainIds.png"
@@ -46,7 +47,7 @@ class GTA5(LabelledFiles):
     def __init__(self, root, transform=None, aug_seed: int = 0):
         pairs, self.unlabelled = gta5_pairs(root)
         if not pairs:
-            raise FileNotFoundError(f"no labelled images under {Path(root) / 'images'}")
+            raise MissingInputError(f"no labelled images under {Path(root) / 'images'}")
         super().__init__(pairs, CLASSES, PALETTE, transform, aug_seed, read_raw=read_palette_indices)
         self.root = Path(root)
 

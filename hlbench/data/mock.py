@@ -16,6 +16,7 @@ from tqdm import tqdm
 from hlbench.data import synthetic
 from hlbench.data.cityscapes import IMAGE_SUFFIX, LABEL_ID_SUFFIX
 from hlbench.data.files import IGNORE_INDEX
+from hlbench.errors import ConfigError
 
 # Synthetic class -> Cityscapes labelId (cityscapesScripts' table); wires have no Cityscapes class and
 # become 0 ("unlabeled"), which the id -> trainId table sends to the ignore index, as a real label would.
@@ -69,11 +70,11 @@ def write_mock(name: str, root, n: int, size=None) -> list[Path]:
         size: (H, W); default the data set's native resolution.
     """
     if name not in WRITERS:
-        raise ValueError(f"mock supports {sorted(WRITERS)}, got {name!r}")
+        raise ConfigError(f"mock supports {sorted(WRITERS)}, got {name!r}")
     root = Path(root)
     # Never mix mock files into (or overwrite) a real copy of a data set.
     if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} is not empty: mock data is only written into a new or empty folder")
+        raise ConfigError(f"{root} is not empty: mock data is only written into a new or empty folder")
     size = tuple(size) if size is not None else DEFAULT_SIZES[name]
     splits, writer = WRITERS[name]
     jobs = [(split, i) for split in splits for i in range(int(n))]

@@ -8,8 +8,10 @@ import numpy as np
 from tqdm import tqdm
 
 from hlbench.data import ade20k, cityscapes, gta5
-from hlbench.data.files import IGNORE_INDEX, image_size, read_label, read_palette_indices, require_dir, \
+from hlbench.data.bad_samples import BadSampleError
+from hlbench.data.files import IGNORE_INDEX, image_size, read_image, read_label, read_palette_indices, require_dir, \
     write_png_atomic
+from hlbench.errors import ConfigError
 
 # Raw Cityscapes label ids run 0..33; a "trainIds" file holding 19..33 is almost surely a copied labelIds file.
 MAX_CITYSCAPES_ID = 33
@@ -24,7 +26,7 @@ def _label_jobs(name: str, root: Path) -> list[tuple[Path, Path, bool]]:
     if name == "gta5":
         raws = sorted(p for p in require_dir(root / "labels").glob("*.png") if gta5.RAW_LABEL.match(p.name))
         return [(raw, raw.with_name(f"{raw.stem}{gta5.TRAIN_ID_SUFFIX}"), True) for raw in raws]
-    raise ValueError(f"prepare supports cityscapes and gta5, got {name!r}")
+    raise ConfigError(f"prepare supports cityscapes and gta5, got {name!r}")
 
 
 def _convert(job: tuple[Path, Path, bool]) -> None:
@@ -45,15 +47,22 @@ def prepare_labels(name: str, root, workers: int = 1) -> tuple[int, int]:
 
 
 def _pair_errors(job: tuple) -> list[str]:
-    """One-line errors of one (image, label, lut) pair against `num_classes` train ids."""
-    (image, label_path, lut), num_classes, (raw_max, screen_label_ids, palette) = job
+    """One-line errors of one (image, label, lut) pair against `num_classes` train ids, one per bad file.
+
+    With `decode` the image is decoded as training reads it: a truncated or corrupt image has a readable header."""
+    (image, label_path, lut), num_classes, (raw_max, screen_label_ids, palette), decode = job
+    errors, size = [], None
+    try:
+        size = read_image(image).shape[:2] if decode else image_size(image)
+    except BadSampleError as err:
+        errors.append(str(err))
+    except OSError as err:  # Pillow's, for a header it cannot read
+        errors.append(f"{image}: unreadable ({err})")
     try:
         raw = read_palette_indices(label_path) if palette and lut is not None else read_label(label_path)
-        size = image_size(image)
-    except (OSError, ValueError) as err:
-        return [f"{label_path}: unreadable ({err})"]
-    errors = []
-    if raw.shape != size:
+    except BadSampleError as err:
+        return errors + [str(err)]
+    if size is not None and raw.shape != size:
         errors.append(f"{image}: image is {size[0]}x{size[1]} but its label {label_path} is "
                       f"{raw.shape[0]}x{raw.shape[1]}")
     values = np.unique(raw)
@@ -100,14 +109,17 @@ KNOWN_COUNTS = {"cityscapes": cityscapes.KNOWN_COUNTS, "gta5": {"all": gta5.KNOW
                 "ade20k": ade20k.KNOWN_COUNTS}
 
 
-def check_dataset(name: str, root, workers: int = 1) -> tuple[dict, list[str], list[str]]:
-    """({split: number of labelled images}, errors, warnings) of data set `name` under `root`; one line each."""
+def check_dataset(name: str, root, workers: int = 1, decode: bool = True) -> tuple[dict, list[str], list[str]]:
+    """({split: number of labelled images}, errors, warnings) of data set `name` under `root`; one line each.
+
+    decode=False reads only the images' headers (sizes), not their pixels: quicker, but blind to a truncated or
+    corrupt image."""
     if name not in KNOWN_COUNTS:
-        raise ValueError(f"check supports {sorted(KNOWN_COUNTS)}, got {name!r}")
+        raise ConfigError(f"check supports {sorted(KNOWN_COUNTS)}, got {name!r}")
     root, errors, warnings = Path(root), [], []
     splits = _split_pairs(name, root, errors, warnings)
     num_classes = len(ade20k.CLASSES if name == "ade20k" else cityscapes.CLASSES)
-    jobs = [(pair, num_classes, LABEL_RULES[name]) for pairs in splits.values() for pair in pairs]
+    jobs = [(pair, num_classes, LABEL_RULES[name], decode) for pairs in splits.values() for pair in pairs]
     with Pool(max(1, int(workers))) as pool:
         for found in tqdm(pool.imap(_pair_errors, jobs, chunksize=8), total=len(jobs), desc=f"check {name}",
                           unit="pair"):

@@ -82,7 +82,8 @@ class Split:
     """A labeled / unlabeled division of a train list, with the identity that goes into run records.
 
     Args:
-        source: "u2pl/1_8", a folder path, or "seeded(<fraction>, <seed>)".
+        source: "u2pl/1_8", a folder path, or "seeded(<fraction>, <seed>)" (+ " for <shipped split>" where synthetic
+            scenes stand in for it).
         labeled: (image, label) per labeled entry, relative to the data root; label is None where the data set
             generates labels rather than reading files (synthetic scenes).
         unlabeled: image per unlabeled entry (any label a list names is not used).
@@ -171,7 +172,7 @@ class UnlabeledImages(Dataset):
 
     def __init__(self, images: Sequence[Path], transform=None, aug_seed: int = 0):
         if not images:
-            raise ValueError("no unlabeled images")
+            raise ConfigError("no unlabeled images")
         self.images, self.aug_seed = [Path(p) for p in images], int(aug_seed)
         self.bad_samples = BadSampleLog(size=len(self.images))
         self.decoded = None  # a DecodedCache (data.decoded_cache), or decode every time

@@ -6,7 +6,9 @@ val and unlabeled never share a scene (the split enters the seed).
 
 Semi-supervised (`build_synthetic_semisup`): a pool of data.train.num_images slots is split by the seeded rule
 of hlbench.data.semisup; a labeled slot i serves train scene i, an unlabeled slot i unlabeled scene i, so no
-unlabeled image is ever a labeled one and its label never leaves the generator.
+unlabeled image is ever a labeled one and its label never leaves the generator. data=synthetic with a shipped
+split's name in data.split (profile=smoke on a semi-supervised experiment) is split the same way, labelling the
+fraction that name states (`stand_in_split`).
 
 The scenes are easy for a tiny CNN overall, but four kinds of pixels stay measurably harder; each pixel's
 kinds are recorded in the uint8 bitmask `hard` (HARD_BITS):
@@ -18,11 +20,14 @@ kinds are recorded in the uint8 bitmask `hard` (HARD_BITS):
 """
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import cv2
 import numpy as np
 from torch.utils.data import Dataset
 
-from hlbench.data.semisup import Split, resolve_split, unlabeled_sample
+from hlbench.data.semisup import Split, resolve_split, shipped_splits, unlabeled_sample
 from hlbench.data.transforms import Compose, ToTensor, build_split_pipelines, config_value, sample_rng
 from hlbench.errors import ConfigError
 from hlbench.labels import IGNORE_INDEX
@@ -354,9 +359,9 @@ def _render(cv: _Canvas, st: _Street, style: dict, rng: np.random.Generator) -> 
 
 def _check_split_domain(split: str, domain: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"synthetic split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"synthetic split must be one of {SPLITS}, got {split!r}")
     if domain not in STYLES:
-        raise ValueError(f"synthetic domain must be one of {DOMAINS}, got {domain!r}")
+        raise ConfigError(f"synthetic domain must be one of {DOMAINS}, got {domain!r}")
 
 
 def generate_scene(size: tuple[int, int], seed: int, split: str, index: int, domain: str = "source"):
@@ -364,7 +369,7 @@ def generate_scene(size: tuple[int, int], seed: int, split: str, index: int, dom
     _check_split_domain(split, domain)
     h, w = (int(v) for v in size)
     if h < 16 or w < 16:
-        raise ValueError(f"synthetic size must be at least 16x16 [H, W], got {list(size)}")
+        raise ConfigError(f"synthetic size must be at least 16x16 [H, W], got {list(size)}")
     key = [seed, SPLITS.index(split), index]
     # The layout stream ignores the domain, so both styles draw identical label maps.
     cv, st = _layout(h, w, np.random.default_rng(key + [0]))
@@ -395,10 +400,10 @@ class SyntheticStreets(Dataset):
                  transform=None, aug_seed: int = 0, scenes=None, pregenerate: bool = False):
         _check_split_domain(split, domain)
         if num_images < 1:
-            raise ValueError(f"synthetic num_images must be >= 1, got {num_images}")
+            raise ConfigError(f"synthetic num_images must be >= 1, got {num_images}")
         self.scenes = list(range(num_images)) if scenes is None else [int(i) for i in scenes]
         if not self.scenes or not all(0 <= i < num_images for i in self.scenes):
-            raise ValueError(f"synthetic scenes must be a non-empty subset of 0..{num_images - 1}")
+            raise ConfigError(f"synthetic scenes must be a non-empty subset of 0..{num_images - 1}")
         self.split, self.num_images, self.size = split, int(num_images), tuple(int(v) for v in size)
         self.seed, self.domain, self.aug_seed = int(seed), domain, int(aug_seed)
         self.transform = transform if transform is not None else Compose([ToTensor()])
@@ -448,8 +453,11 @@ def build_synthetic(data_cfg, seed: int) -> dict:
     "unlabeled" (as many scenes of the unlabeled stream as train has, through the train pipeline) lets any
     semi-supervised method dry-run on these scenes (profile=smoke) beside the fully labeled train set; the study
     with a labeled fraction is data=synthetic_semisup. Its scenes are generated on access (never up front), so it
-    costs nothing unused.
+    costs nothing unused. With data.split set, the scenes stand in for that split (stand_in_split): "train" is
+    its labeled part.
     """
+    if (split := stand_in_split(data_cfg)) is not None:
+        return _semisup_streets(data_cfg, seed, split)
     pipelines = build_split_pipelines(data_cfg, CLASSES)
     datasets = {split: _streets(data_cfg, split, split, transform, seed) for split, transform in pipelines.items()}
     datasets["unlabeled"] = _streets(data_cfg, "train", "unlabeled", pipelines["train"], seed, pregenerate=False)
@@ -466,10 +474,29 @@ def synthetic_split(data_cfg) -> Split:
     return resolve_split(data_cfg, lambda: [(str(i), None) for i in range(pool)])
 
 
+def stand_in_split(data_cfg) -> Split | None:
+    """data=synthetic standing in for a semi-supervised data set: a dry run (profile=smoke) of an experiment on a
+    shipped split, e.g. data.split=u2pl/1_8, labels the same fraction (1/8) of the scene pool by the seeded rule;
+    the source says what it stands in for ("seeded(0.125, 0) for u2pl/1_8"). None without data.split."""
+    value = data_cfg.get("split")
+    if value is None:
+        return None
+    fraction = re.fullmatch(r"[^/]+/(\d+)_(\d+)", str(value))
+    if value not in shipped_splits() or fraction is None:
+        raise ConfigError(f"data.split={value!r}: synthetic scenes have no split lists; they stand in only for a "
+                          f"shipped split ({', '.join(shipped_splits())}), else use data.split=null")
+    split = synthetic_split({"train": data_cfg.get("train"), "split": None, "split_seed": data_cfg.get("split_seed", 0),
+                             "split_fraction": int(fraction[1]) / int(fraction[2])})
+    return dataclasses.replace(split, source=f"{split.source} for {value}")
+
+
 def build_synthetic_semisup(data_cfg, seed: int) -> dict:
     """{"train": the labeled slots' scenes, "unlabeled": the unlabeled slots' scenes, "val"}; see the module doc."""
+    return _semisup_streets(data_cfg, seed, synthetic_split(data_cfg))
+
+
+def _semisup_streets(data_cfg, seed: int, split: Split) -> dict:
     pipelines = build_split_pipelines(data_cfg, CLASSES)
-    split = synthetic_split(data_cfg)
     return {"train": _streets(data_cfg, "train", "train", pipelines["train"], seed,
                               scenes=[int(name) for name, _ in split.labeled]),
             "unlabeled": _streets(data_cfg, "train", "unlabeled", pipelines["train"], seed,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hlbench.errors import ConfigError
 from hlbench.labels import IGNORE_INDEX
 
 PAD_KEY = "pad"
@@ -34,19 +35,19 @@ PAD_KEY = "pad"
 def config_value(cfg, key: str, expected: str, where: str):
     """cfg[key], or a KeyError naming `where.key` and what was expected."""
     if cfg is None or key not in cfg:
-        raise KeyError(f"{where}.{key} is missing: expected {expected}")
+        raise ConfigError(f"{where}.{key} is missing: expected {expected}")
     return cfg[key]
 
 
 def _pair(value, name: str) -> tuple[int, int]:
     if value is None or len(value) != 2:
-        raise ValueError(f"{name} must be a pair of ints, got {value!r}")
+        raise ConfigError(f"{name} must be a pair of ints, got {value!r}")
     return int(value[0]), int(value[1])
 
 
 def _ratio_range(value) -> tuple[float, float]:
     if value is None or len(value) != 2 or float(value[0]) > float(value[1]):
-        raise ValueError(f"resize.ratio_range must be [lo, hi] with lo <= hi, got {value!r}")
+        raise ConfigError(f"resize.ratio_range must be [lo, hi] with lo <= hi, got {value!r}")
     return float(value[0]), float(value[1])
 
 
@@ -106,7 +107,7 @@ class RandomScaleFactor:
     def __init__(self, ratio_range):
         self.lo, self.hi = _ratio_range(ratio_range)
         if not self.lo <= 1.0 <= self.hi:
-            raise ValueError(f"resize.ratio_range must contain 1 for mode factor, got {list(ratio_range)}")
+            raise ConfigError(f"resize.ratio_range must contain 1 for mode factor, got {list(ratio_range)}")
 
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
         s = rng.uniform(self.lo, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, self.hi)
@@ -259,7 +260,7 @@ class Pad:
         h, w = sample["img"].shape[:2]
         ph, pw = self.size
         if h > ph or w > pw:
-            raise ValueError(f"Pad: image {h}x{w} is larger than the pad size {ph}x{pw}")
+            raise ConfigError(f"Pad: image {h}x{w} is larger than the pad size {ph}x{pw}")
         out = _pad_sample(sample, 0, ph - h, 0, pw - w, 0, self.label_pad)
         out["img_hw"] = (h, w)
         return out
@@ -277,10 +278,10 @@ class PadToCrop:
 
     def __init__(self, size, mode: str, image_fill, label_fill: int):
         if mode not in self.MODES:
-            raise ValueError(f"pad.mode={mode!r} is not valid; expected one of {', '.join(self.MODES)}")
+            raise ConfigError(f"pad.mode={mode!r} is not valid; expected one of {', '.join(self.MODES)}")
         fill = np.asarray(image_fill, np.float64)
         if fill.shape != (3,):
-            raise ValueError(f"pad.image_fill must be [R, G, B], got {image_fill!r}")
+            raise ConfigError(f"pad.image_fill must be [R, G, B], got {image_fill!r}")
         self.size, self.mode, self.label_fill = _pair(size, "crop [h, w]"), mode, int(label_fill)
         self.image_fill = np.clip(np.round(fill), 0, 255).astype(np.uint8)
 
@@ -333,14 +334,14 @@ _PAD_KEYS = ("mode", "image_fill", "label_fill")
 def _check_keys(cfg, valid: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(cfg) - set(valid))
     if unknown:
-        raise KeyError(f"{where}: unknown keys {unknown}; valid keys: {list(valid)}")
+        raise ConfigError(f"{where}: unknown keys {unknown}; valid keys: {list(valid)}")
 
 
 def _build_resize(resize_cfg):
     where = "data.train_pipeline.resize"
     mode = resize_cfg.get("mode", "ratio")
     if mode not in _RESIZE_KEYS:
-        raise ValueError(f"{where}.mode={mode!r} is not valid; expected one of {', '.join(_RESIZE_KEYS)}")
+        raise ConfigError(f"{where}.mode={mode!r} is not valid; expected one of {', '.join(_RESIZE_KEYS)}")
     _check_keys(resize_cfg, _RESIZE_KEYS[mode], f"{where} (mode {mode})")
     if mode == "ratio":
         return RandomResize(config_value(resize_cfg, "scale", "[W, H]", where), resize_cfg.get("ratio_range"))
@@ -393,7 +394,7 @@ def build_split_pipelines(data_cfg, classes) -> dict:
     """{"train", "val"} pipelines from a data config, after checking data.num_classes against `classes`."""
     num_classes = data_cfg.get("num_classes")
     if num_classes is not None and num_classes != len(classes):
-        raise ValueError(f"data.num_classes={num_classes} but data set {data_cfg.get('name')!r} has "
-                         f"{len(classes)} classes")
+        raise ConfigError(f"data.num_classes={num_classes} but data set {data_cfg.get('name')!r} has "
+                          f"{len(classes)} classes")
     return {"train": build_train_pipeline(config_value(data_cfg, "train_pipeline", "a mapping", "data")),
             "val": build_test_pipeline(config_value(data_cfg, "test_pipeline", "a mapping", "data"))}

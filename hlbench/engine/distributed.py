@@ -8,6 +8,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +32,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     `device` is auto | cpu | cuda (checked with the run config)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but torch.cuda.is_available() is False")
+        raise ConfigError(f"device=cuda, but this PyTorch ({torch.__version__}) finds no CUDA device; use device=cpu "
+                          "or device=auto, or install a CUDA build of torch")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -65,14 +69,14 @@ def plan_batches(streams: dict[str, tuple[int, str]], world_size: int, max_per_d
     shares = {}
     for name, (batch, key) in streams.items():
         if batch % world_size:
-            raise ValueError(f"{key}={batch} is not divisible by the world size {world_size}")
+            raise ConfigError(f"{key}={batch} is not divisible by the world size {world_size}")
         shares[name] = batch // world_size
     for accum in range(1, max(shares.values()) + 1):
         if all(s % accum == 0 and s // accum <= max_per_device for s in shares.values()):
             return BatchPlan(world_size, accum, {n: b for n, (b, _) in streams.items()},
                              {n: s // accum for n, s in shares.items()})
-    raise ValueError(f"per-device batches {shares} have no common number of accumulation steps that fits "
-                     f"train.max_batch_per_device={max_per_device}")
+    raise ConfigError(f"per-device batches {shares} have no common number of accumulation steps that fits "
+                      f"train.max_batch_per_device={max_per_device}")
 
 
 def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

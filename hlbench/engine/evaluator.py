@@ -6,9 +6,11 @@ import math
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
 
 from ..data import normalize_batch
 from ..data.bad_samples import LeaveOutBad
+from ..errors import ConfigError
 from ..hardness import hardness_map
 from ..labels import IGNORE_INDEX
 from ..losses import pixel_cross_entropy
@@ -91,6 +93,10 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
     bits = hardness_kinds(dataset)
     score_hl = has_hl and eval_cfg.hl_auroc and bool(bits)
     scores, targets, panel = [], [], None
+    # Shown only once an evaluation has taken `delay` seconds: a sliding-window pass over full-size images on a CPU
+    # takes minutes per image.
+    progress = tqdm(total=len(shard), desc="evaluation", unit="image", disable=rank != 0, delay=10, leave=False,
+                    dynamic_ncols=True)
     for items in loader:
         for batch in _stack_by_shape([item for item in items if item is not None]):
             if eval_cfg.mode == "center":
@@ -115,6 +121,8 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
                 panel = {"images": batch["img"][:k], "labels": label[:k].cpu(), "preds": pred[:k].cpu(),
                          "hl": hl[:k].cpu() if hl is not None else None, "hard": batch["hard"][:k],
                          "loss": pixel_cross_entropy(logits[:k], label[:k], IGNORE_INDEX).cpu()}
+        progress.update(len(items))
+    progress.close()
     cm.all_reduce()
     metrics = cm.compute(class_names)
     auroc = _hardness_aurocs(scores, targets, bits, data_cfg.get("hard_kinds")) if score_hl else {}
@@ -150,7 +158,7 @@ def _hardness_aurocs(scores, hard_values, bits: dict, hard_kinds) -> dict:
         return {}
     unknown = set(hard_kinds or []) - set(bits)
     if unknown:
-        raise ValueError(f"data.hard_kinds has {sorted(unknown)}; the data set's kinds are {sorted(bits)}")
+        raise ConfigError(f"data.hard_kinds has {sorted(unknown)}; the data set's kinds are {sorted(bits)}")
     easy = hard == 0
 
     def auroc(mask_bits: int):

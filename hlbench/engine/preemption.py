@@ -1,11 +1,13 @@
-"""Pre-emption: SIGTERM / SIGUSR1 / SIGUSR2 ask the train loop to checkpoint at the end of the step and exit for a
-requeue.
+"""Pre-emption and Ctrl-C: SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT ask the train loop to checkpoint at the end of the
+step and exit, for a requeue (or, after a Ctrl-C, for the user's resume=true).
 
 SLURM sends SIGTERM to every process of a job before it kills it (and `--signal=USR1@<seconds>` sends SIGUSR1
 that long before the time limit); the loop checks the request once per step, writes a checkpoint and exits
 with REQUEUE_EXIT so that a launcher resubmits the job with resume=true. A launcher that handles the signal
 itself keeps doing so, after the checkpoint: submitit (Hydra's submitit_slurm launcher) requeues its job on
-SIGUSR2, and the requeued job, started with resume=true, continues the same run folder.
+SIGUSR2, and the requeued job, started with resume=true, continues the same run folder. A Ctrl-C (SIGINT) takes the
+same path but exits with INTERRUPT_EXIT, so that no wrapper requeues what the user stopped; a second Ctrl-C quits at
+once, without a checkpoint.
 """
 from __future__ import annotations
 
@@ -18,7 +20,15 @@ from ..errors import RunStopped
 # sysexits.h EX_TEMPFAIL, "a temporary failure; the user is invited to retry": a requeue wrapper (slurm.conf
 # RequeueExit=75, LSF `bsub -Q 75`, or a shell loop) resubmits on this status and on no other.
 REQUEUE_EXIT = 75
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name))
+# 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C.
+INTERRUPT_EXIT = 130
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+                     if hasattr(signal, name))
+
+
+def stop_exit_status(signal_name: str | None) -> int:
+    """The exit status of a run stopped by `signal_name`: INTERRUPT_EXIT for a Ctrl-C, REQUEUE_EXIT otherwise."""
+    return INTERRUPT_EXIT if signal_name == "SIGINT" else REQUEUE_EXIT
 
 _shield_forks = False
 
@@ -53,6 +63,11 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.received == "SIGINT":
+                raise KeyboardInterrupt
+            # os.write: a print here could re-enter a write the main thread was in the middle of.
+            os.write(2, b"\ninterrupted: finishing the step and saving a checkpoint (Ctrl-C again quits without one)\n")
         self.received = self.received or signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
@@ -63,6 +78,6 @@ class StopSignals:
         self._previous.clear()
         _shield_forks = False
         # A run that stopped for the signal (not one that had finished): the launcher's own handler (not SIG_DFL or
-        # SIG_IGN), now that the state is on disk.
-        if isinstance(exc[1], RunStopped) and callable(launcher):
+        # SIG_IGN, nor Python's KeyboardInterrupt for SIGINT), now that the state is on disk.
+        if isinstance(exc[1], RunStopped) and callable(launcher) and launcher is not signal.default_int_handler:
             launcher(signal.Signals[self.received], None)

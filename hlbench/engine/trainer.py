@@ -21,19 +21,20 @@ from ..data import build_datasets, normalize_batch, split_record
 from ..data.bad_samples import bad_sample_files, bad_sample_report, restore_bad_sample_files
 from ..data.files import check_mapped_labels
 from ..data.sampling import stream_loader
-from ..errors import RunStopped
-from ..memory import estimate_train_memory
+from ..errors import ConfigError, RunStopped
+from ..memory import available_memory, estimate_train_memory
 from ..methods import build_method
 from ..models import build_model, load_checkpoint
 from ..tracking import Tracker
 from ..tracking.wandb_layout import run_identity
 from ..weights import pretrained_name
 from . import checkpoint as ckpt
+from .cores import cpu_plan, loader_workers
 from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, host_group, plan_batches
 from .evaluator import evaluate, hardness_kinds, protocol_of
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import allow_tf32, autocast
-from .preemption import REQUEUE_EXIT, StopSignals
+from .preemption import REQUEUE_EXIT, StopSignals, stop_exit_status
 
 log = logging.getLogger("hlbench")
 
@@ -102,9 +103,7 @@ class Trainer:
         self.classes = list(datasets["train"].classes)
         self.palette = getattr(datasets["train"], "palette", None)
         check_mapped_labels(self.val_set)
-        model = build_model(cfg.model, num_classes=len(self.classes), hl=cfg.hl.enabled,
-                            detach_hl_features=cfg.hl.detach_features, weights_dir=cfg.weights_dir,
-                            hl_head_channels=cfg.hl.head_channels)
+        model = build_model(cfg.model, num_classes=len(self.classes), hl=cfg.hl, weights_dir=cfg.weights_dir)
         self.model = _convert_norm(model, cfg.train.norm, info).to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -124,18 +123,19 @@ class Trainer:
         self.host_group = host_group()  # ranks agree on stop requests and skips without a GPU sync
         self.loaders: dict = {}  # the training streams, once fit() starts them
         self.bar = None  # fit()'s progress bar
-        self.start_it, self.best, rng = self._restore()
+        self.train_time_before = 0.0  # seconds of training before a resume (summary.json counts the whole run)
+        self.start_it, self.best, ranks = self._restore()
         self.identity = run_identity(cfg, meta["experiment"], meta["suite"], meta.get("profile"),
                                      pretrained=pretrained_name(cfg), method_tags=self.method.tags(), split=self.split)
         self.tracker = Tracker(
             run_dir, cfg, logger=cfg.logger.name, project=cfg.logger.project, entity=cfg.logger.entity,
             **self.identity,
             class_names=self.classes, palette=self.palette, rank=info.rank,
-            resumed_from=self.start_it if rng is not None else None,
+            resumed_from=self.start_it if ranks is not None else None,
             env_extra={"world_size": info.world_size, "seed": int(cfg.seed), "batch_plan": self.plan.as_dict(),
                        "precision": self.precision, "split": self.split, **self.method.describe()})
-        if rng is not None:
-            ckpt.set_rng_state(rng)
+        if ranks is not None:
+            self._restore_rank(ranks)
 
     @property
     def channels_last(self) -> bool:
@@ -143,10 +143,10 @@ class Trainer:
 
     def _restore(self):
         """resume=true: full state from the newest readable checkpoint; init_from: weights only. Returns (iter, best,
-        rng).
+        per-rank states).
 
-        The iteration places the lr schedule and every data stream (their samplers restart at that sample); the RNG
-        states are set once tracking has started."""
+        The iteration places the lr schedule and every data stream (their samplers restart at that sample); the
+        per-rank states (RNG, BatchNorm statistics) are set once tracking has started."""
         cfg = self.cfg
         if cfg.resume and (found := ckpt.latest_valid_state(self.ckpt_dir)) is not None:
             latest, state = found
@@ -154,15 +154,36 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.method.load_state_dict(state.get("method", {}))
             self.skipped = list(state.get("skipped_nonfinite", []))
+            self.train_time_before = float(state.get("train_time_s", 0.0))
+            self.step_times = list(state.get("step_times", []))
             restore_bad_sample_files(self.datasets, state.get("bad_samples", {}))
             self.last_saved = latest
             log.info("resumed from %s (iteration %d)", latest, state["iter"])
-            return state["iter"], state.get("best"), state["rng"]
+            return state["iter"], state.get("best"), ckpt.rank_states(state)
         if cfg.init_from:
             # The checkpoint loader's report (loaded / missing / unexpected) and its refusal of a file that
             # matches fewer than half of the model's tensors.
             load_checkpoint(self.model, Path(cfg.init_from))
         return 0, None, None
+
+    @torch.no_grad()
+    def _restore_rank(self, ranks: list[dict]) -> None:
+        """Each rank's own RNG, BatchNorm statistics (DDP broadcasts rank 0's only at the next forward) and method
+        state; with another world size than the checkpoint's, every rank re-seeded from (seed, rank, iteration)."""
+        info = self.info
+        if len(ranks) != info.world_size:
+            ckpt.reseed(int(self.cfg.seed), info.rank, self.start_it)
+            if info.is_main:
+                log.warning("resuming %d process(es) from a checkpoint of %d: each rank's RNG is re-seeded from "
+                            "(seed, rank, iteration %d), and BatchNorm statistics and method state are rank 0's",
+                            info.world_size, len(ranks), self.start_it)
+            return
+        mine = ranks[info.rank]
+        ckpt.set_rng_state(mine["rng"], self.device)
+        if mine["buffers"] is not None:
+            for name, buf in self.model.named_buffers():
+                buf.copy_(mine["buffers"][name])
+        self.method.load_rank_state_dict(mine["method"])
 
     def _loaders(self) -> dict:
         """One endless, resumable loader per stream, positioned after the samples already trained on."""
@@ -173,7 +194,8 @@ class Trainer:
             loaders[name] = iter(stream_loader(
                 stream.dataset, per_device, seed=int(self.cfg.seed) + 7919 * i, rank=self.info.rank,
                 world=self.info.world_size, start=self.start_it * self.plan.accum * per_device,
-                workers=int(self.cfg.train.num_workers), pin_memory=self.device.type == "cuda"))
+                workers=loader_workers(int(self.cfg.train.num_workers), len(self.streams), cpu_plan().free),
+                pin_memory=self.device.type == "cuda"))
         return loaders
 
     def _announce(self) -> None:
@@ -182,9 +204,19 @@ class Trainer:
                             f"{plan.per_device[name]}" for name in plan.per_device)
         log.info("global batch %s x %d accumulation step(s); lr %g; %s; %d iterations (%d done)", batches,
                  plan.accum, cfg.optim.lr, self.precision, self.total, self.start_it)
+        cpus, requested = cpu_plan(), int(cfg.train.num_workers)
+        log.info(cpus.describe(loader_workers(requested, len(self.streams), cpus.free), requested))
         estimate = estimate_train_memory(cfg, len(self.classes), sum(plan.per_device.values()),
                                          cfg.data.train_pipeline.crop, labeled=next(iter(plan.per_device.values())))
-        log.log(logging.WARNING if estimate.exceeds(self.device) else logging.INFO, estimate.describe(self.device))
+        available = available_memory(self.device)
+        line = estimate.describe(available)
+        if available is None or estimate.total <= available:
+            log.info(line)
+        elif cfg.train.memory_check:  # a run past the memory is killed (SIGKILL) with no message, minutes in
+            raise ConfigError(f"{line}: it does not fit; {estimate.what_fits(available, max(plan.per_device.values()))}"
+                              f" (train.memory_check=false trains anyway)")
+        else:
+            log.warning("%s; training anyway (train.memory_check=false)", line)
         facts = self.method.describe()
         if "grouping" in facts:
             log.info("per-GPU scope: %s; hl_variant %s", facts["grouping"], facts["hl_variant"])
@@ -215,7 +247,7 @@ class Trainer:
         window = _Window()
         bar = self.bar = tqdm(total=self.total, initial=self.start_it, disable=not info.is_main, desc=self.meta["name"],
                    dynamic_ncols=True, mininterval=5)
-        train_start = time.perf_counter()
+        self.fit_start = train_start = time.perf_counter()
         self.model.train()
         for it in range(self.start_it, self.total):
             lr = lr_at(it, self.total, cfg.optim)
@@ -270,7 +302,7 @@ class Trainer:
                 bar.close()
                 self._stop_for_requeue(done, stop.received, window, saved=saving)
         bar.close()
-        return self._finish(time.perf_counter() - train_start)
+        return self._finish(self.train_time_before + time.perf_counter() - train_start)
 
     def _skip_nonfinite(self, it: int, step: dict) -> bool:
         """With train.skip_nonfinite=K: True (no update) when a logged value of step `it` is not finite, up to K
@@ -313,10 +345,12 @@ class Trainer:
         if not saved:
             self._check_finite(window)
             self._save(it)
-        self.tracker.finish(exit_code=REQUEUE_EXIT, preempted=True)
+        status = stop_exit_status(signal_name)
+        self.tracker.finish(exit_code=status, preempted=True)
+        then = "continue it" if status != REQUEUE_EXIT else "requeue the job"
         raise RunStopped(f"{signal_name or 'a stop signal (another rank)'} at iteration {it}: saved "
-                         f"{self.ckpt_dir / _ckpt_name(it)}; requeue the job with resume=true (exit status "
-                         f"{REQUEUE_EXIT})", exit_code=REQUEUE_EXIT)
+                         f"{self.ckpt_dir / _ckpt_name(it)}; {then} with resume=true (exit status {status})",
+                         exit_code=status)
 
     def _periodic_protocol(self, it: int):
         """The eval config of a periodic evaluation: eval.during before its `until`, the final protocol after."""
@@ -376,12 +410,16 @@ class Trainer:
     def _save(self, it: int) -> None:
         """The full training state after `it` iterations, then train.keep_checkpoints pruning of older ones."""
         bad_samples = bad_sample_files(self.datasets)  # every rank: it gathers theirs
+        ranks = ckpt.gather_rank_states({
+            "rng": ckpt.rng_state(self.device), "method": self.method.rank_state_dict(),
+            "buffers": {name: b.detach().cpu().clone() for name, b in self.model.named_buffers()}}, self.host_group)
         if self.info.is_main:
             path = self.ckpt_dir / _ckpt_name(it)
             self._write({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                          "method": self.method.state_dict(), "iter": it, "best": self.best,
-                         "skipped_nonfinite": self.skipped, "bad_samples": bad_samples, "rng": ckpt.rng_state()},
-                        path)
+                         "skipped_nonfinite": self.skipped, "bad_samples": bad_samples, "ranks": ranks,
+                         "train_time_s": self.train_time_before + time.perf_counter() - self.fit_start,
+                         "step_times": self.step_times}, path)
             self.last_saved = path
             ckpt.prune_checkpoints(self.ckpt_dir, int(self.cfg.train.keep_checkpoints), path)
         barrier()
@@ -436,7 +474,8 @@ class Trainer:
         self._rescore_best()
         report_classes = list(cfg.data.get("report_classes") or [])
         summary = {
-            "experiment": self.meta["experiment"], "suite": self.meta["suite"], "seed": int(cfg.seed),
+            "experiment": self.meta["experiment"], "suite": self.meta["suite"], "profile": self.meta.get("profile"),
+            "seed": int(cfg.seed),
             "iters": total, "setting": cfg.setting, "method": cfg.method.name, "hl": bool(cfg.hl.enabled),
             "model": cfg.model.name, "data": cfg.data.name, "split": self.split, "pretrained": pretrained_name(cfg),
             "precision": self.precision,

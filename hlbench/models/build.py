@@ -5,6 +5,7 @@ import inspect
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
+from hlbench.errors import ConfigError
 from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, ConvBNReLU, DepthwiseSeparableASPPHead,
                                   FCNHead, OCRHead, ProjectedHead, PSPHead, UPerHead)
 from hlbench.models.pretrained import load_pretrained
@@ -23,9 +24,9 @@ CASCADE_HEADS = (OCRHead,)
 
 def _lookup(table, cfg, section):
     if "type" not in cfg:
-        raise KeyError(f"model.{section}.type is required; one of {sorted(table)}")
+        raise ConfigError(f"model.{section}.type is required; one of {sorted(table)}")
     if cfg["type"] not in table:
-        raise ValueError(f"unknown model.{section}.type {cfg['type']!r}; valid: {sorted(table)}")
+        raise ConfigError(f"unknown model.{section}.type {cfg['type']!r}; valid: {sorted(table)}")
     return table[cfg["type"]]
 
 
@@ -42,7 +43,7 @@ def _construct(cls, section, options, **derived):
     accepted = _init_parameters(cls) - set(derived)
     unknown = sorted(set(options) - accepted)
     if unknown:
-        raise ValueError(f"model.{section}: {cls.__name__} does not take {unknown}; accepted: {sorted(accepted)}")
+        raise ConfigError(f"model.{section}: {cls.__name__} does not take {unknown}; accepted: {sorted(accepted)}")
     return cls(**options, **derived)
 
 
@@ -68,20 +69,26 @@ def _stages_read(head_cfgs, num_stages) -> set[int]:
     return {i % num_stages for i in read}
 
 
-def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_dir=None, hl_head_channels=None):
-    """Segmentor from a model config; hl=True adds the HL head, a fresh copy of the decode head with one output.
+def build_model(model_cfg, num_classes, hl=None, *, weights_dir=None):
+    """Segmentor from a model config; with hl.enabled, plus the HL head: a fresh copy of the decode head with one
+    output.
 
     Args:
         model_cfg: dict/DictConfig with backbone, head, aux and align_corners (see hlbench/conf/model/).
+        hl: the run config's `hl` node, or None for a model without the HL head. Read here: enabled,
+            detach_features (default true) and head_channels (default null). head_channels N makes the light HL
+            head: the copy with N channels, reading the backbone stages it uses through 1×1 projections to N
+            channels (ProjectedHead); null keeps the decode head's exact copy, as the authors do.
         weights_dir: the folder where a bare `backbone.pretrained` file name is looked up (hlbench.weights).
-        hl_head_channels: N makes the light HL head (hl.head_channels): the copy with N channels, reading the
-            backbone stages it uses through 1×1 projections to N channels (ProjectedHead). None keeps the decode
-            head's exact copy, as the authors do.
     """
+    hl = hl if hl is not None else {"enabled": False}
+    # Defaults as hlbench/conf/config.yaml's, for callers that pass a partial node (tests, notebooks).
+    with_hl, detach_hl_features = bool(hl.get("enabled", False)), bool(hl.get("detach_features", True))
+    hl_head_channels = hl.get("head_channels")
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     for key in ("backbone", "head"):
         if key not in cfg:
-            raise KeyError(f"model.{key} is required")
+            raise ConfigError(f"model.{key} is required")
     align_corners = cfg.get("align_corners", False)
 
     pretrained = resolve_pretrained(cfg, weights_dir)  # before building, so a missing file fails at once
@@ -96,8 +103,8 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_
     head_cfg = dict(cfg["head"])
     stage0_cfg = dict(head_cfg.pop("stage0", None) or {})
     if (_lookup(HEADS, head_cfg, "head") in CASCADE_HEADS) != bool(stage0_cfg):
-        raise ValueError(f"model.head.stage0 is required exactly for the cascade head types "
-                         f"{sorted(k for k, v in HEADS.items() if v in CASCADE_HEADS)}")
+        raise ConfigError(f"model.head.stage0 is required exactly for the cascade head types "
+                          f"{sorted(k for k, v in HEADS.items() if v in CASCADE_HEADS)}")
 
     def decode(n_out, cfg=head_cfg, stage_channels=channels):
         head = _build_head(cfg, stage_channels, n_out, align_corners)
@@ -118,9 +125,9 @@ def build_model(model_cfg, num_classes, hl, detach_hl_features=True, *, weights_
     # segmentation path either, so the copy goes without it (semisup.md §5).
     hl_cfg = {**head_cfg, "rep_channels": 0} if "rep_channels" in head_cfg else head_cfg
     hl_head = None
-    if hl and hl_head_channels is None:
+    if with_hl and hl_head_channels is None:
         hl_head = decode(1, hl_cfg)
-    elif hl:  # the light head: the copy at N channels, on the stages it reads projected to N
+    elif with_hl:  # the light head: the copy at N channels, on the stages it reads projected to N
         n = int(hl_head_channels)
         read = _stages_read([hl_cfg, *([stage0_cfg] if stage0_cfg else [])], len(channels))
         project = nn.ModuleList(ConvBNReLU(c, n) if i in read and c > n else nn.Identity()

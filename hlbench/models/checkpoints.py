@@ -3,6 +3,7 @@ the released U2PL and UniMatch DeepLabV3+ checkpoints."""
 
 from pathlib import Path
 
+from hlbench.errors import BadFileError
 from hlbench.models.pretrained import MIN_LOADED_FRACTION, load_matching, read_torch_file, state_dict_of
 
 # Checkpoint key prefix -> our key prefix (None: drop the key). Our Segmentor uses mmseg's module names, so only
@@ -87,7 +88,7 @@ def _select(ckpt, which, path):
         raise ValueError(f"which must be 'student', 'teacher' or None, got {which!r}")
     has_teacher = isinstance(ckpt, dict) and "teacher_state" in ckpt
     if which == "teacher" and not has_teacher:
-        raise ValueError(f"{path}: no teacher weights in this checkpoint (U2PL's keep them under 'teacher_state')")
+        raise BadFileError(f"{path}: no teacher weights in this checkpoint (U2PL's keep them under 'teacher_state')")
     if has_teacher and which != "student":
         return ckpt["teacher_state"]
     if isinstance(ckpt, dict) and "model_state" in ckpt:  # U2PL's student, or its supervised-only model
@@ -95,16 +96,24 @@ def _select(ckpt, which, path):
     return ckpt
 
 
-def load_checkpoint(model, path, which=None) -> dict:
+def load_checkpoint(model, path, which=None, *, require_all=False) -> dict:
     """Load a segmentor checkpoint into `model`; returns {"loaded", "missing", "unexpected"} key lists.
 
     Args:
         which: "student" or "teacher" for checkpoints that hold both (U2PL's); None takes the teacher where there
             is one, else the only model.
+        require_all: every tensor of `model` must be in the checkpoint, as when rebuilding a trained model to
+            score it; False allows a partial start (a baseline's weights in a model with an HL head).
 
-    Raises FileNotFoundError when `path` is missing, ValueError on shape mismatches, when fewer than
-    MIN_LOADED_FRACTION of the model's tensors are in the checkpoint, or when `which` names weights it lacks.
+    Raises MissingInputError when `path` is missing, BadFileError on shape mismatches, when fewer than
+    MIN_LOADED_FRACTION (with require_all: not all) of the model's tensors are in the checkpoint, or when `which`
+    names weights it lacks.
     """
     path = Path(path)
     state = state_dict_of(_select(read_torch_file(path), which, path), path)
-    return load_matching(model, map_checkpoint_keys(state), path, MIN_LOADED_FRACTION)
+    report = load_matching(model, map_checkpoint_keys(state), path, MIN_LOADED_FRACTION)
+    if require_all and report["missing"]:
+        missing = report["missing"]
+        raise BadFileError(f"{path}: {len(missing)} of the model's tensors are not in it (e.g. "
+                           f"{', '.join(missing[:3])}); was it saved from another model or hl setting?")
+    return report

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hlbench.errors import ConfigError
+
 
 def resize(x, size, align_corners):
     """Bilinear resize to `size` (H, W); a no-op when the size already matches."""
@@ -13,19 +15,34 @@ def resize(x, size, align_corners):
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
 
 
-class ConvBNReLU(nn.Module):
-    """mmseg ConvModule with BN + ReLU: keys `conv.weight`, `bn.*`; the conv has a bias only if asked (U2PL's)."""
+class ConvBN(nn.Module):
+    """mmseg ConvModule with BN and no activation: keys `conv.weight`, `bn.*`; the conv has a bias only if asked
+    (U2PL's).
 
-    def __init__(self, cin, cout, kernel_size=1, dilation=1, groups=1, bias=False):
+    Args:
+        padding: None pads to keep the size; PSANet's `proj` is a 1×1 conv with padding 1.
+    """
+
+    def __init__(self, cin, cout, kernel_size=1, dilation=1, groups=1, bias=False, padding=None):
         super().__init__()
-        padding = dilation * (kernel_size // 2)
+        padding = dilation * (kernel_size // 2) if padding is None else padding
         self.conv = nn.Conv2d(cin, cout, kernel_size, padding=padding, dilation=dilation, groups=groups, bias=bias)
         self.bn = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")  # mmcv ConvModule default
 
     def forward(self, x):
-        return self.relu(self.bn(self.conv(x)))
+        return self.bn(self.conv(x))
+
+
+class ConvBNReLU(ConvBN):
+    """mmseg ConvModule with BN + ReLU (keys as ConvBN's)."""
+
+    def __init__(self, cin, cout, kernel_size=1, dilation=1, groups=1, bias=False, padding=None):
+        super().__init__(cin, cout, kernel_size, dilation, groups, bias, padding)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.relu(super().forward(x))
 
 
 class SeparableConvBNReLU(nn.Module):
@@ -63,7 +80,8 @@ class DecodeHead(nn.Module):
     def outputs(self, inputs, feature_perturbation=False):
         """The head's training outputs as a dict: {"out"}; ASPPPlusHead adds U2PL's "rep" and UniMatch's "out_fp"."""
         if feature_perturbation:
-            raise ValueError(f"{type(self).__name__} has no feature perturbation; UniMatch's needs head type aspp_plus")
+            raise ConfigError(f"{type(self).__name__} has no feature perturbation; UniMatch's needs head type "
+                              "aspp_plus")
         return {"out": self(inputs)}
 
 
@@ -82,7 +100,7 @@ class FCNHead(DecodeHead):
                  **kwargs):
         super().__init__(in_channels, channels, num_classes, **kwargs)
         if num_convs == 0 and in_channels != channels:
-            raise ValueError(f"FCN head with num_convs=0 needs in_channels == channels, got {in_channels}, {channels}")
+            raise ConfigError(f"FCN head with num_convs=0 needs in_channels == channels, got {in_channels}, {channels}")
         convs = [ConvBNReLU(in_channels if i == 0 else channels, channels, 3, dilation, bias=conv_bias)
                  for i in range(num_convs)]
         self.convs = nn.Sequential(*convs) if convs else nn.Identity()
@@ -251,8 +269,8 @@ class UPerHead(DecodeHead):
     def __init__(self, in_channels, channels, num_classes, pool_scales=(1, 2, 3, 6), in_index=(0, 1, 2, 3),
                  **kwargs):
         if len(in_channels) != len(in_index) or len(in_index) < 2:
-            raise ValueError(f"UPerHead needs >= 2 levels with one in_channels per in_index, got {in_channels}, "
-                             f"{in_index}")
+            raise ConfigError(f"UPerHead needs >= 2 levels with one in_channels per in_index, got {in_channels}, "
+                              f"{in_index}")
         super().__init__(in_channels, channels, num_classes, in_index=list(in_index), **kwargs)
         self.psp_modules = pyramid_pooling_modules(in_channels[-1], channels, pool_scales)
         self.bottleneck = ConvBNReLU(in_channels[-1] + len(pool_scales) * channels, channels, 3)

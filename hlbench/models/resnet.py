@@ -4,6 +4,8 @@ UniMatch, and a torchvision wrapper."""
 import torch.nn as nn
 import torchvision
 
+from hlbench.errors import ConfigError
+
 # (strides, dilations) of layer1..layer4 per output stride; OS8 / OS16 are mmseg's "-d8" / "-d16" settings.
 STAGE_PATTERNS = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2)), 32: ((1, 2, 2, 2), (1, 1, 1, 1))}
 
@@ -18,7 +20,7 @@ def stage_dilations(num_blocks, dilation, contract_dilation=True, multi_grid=Non
     """
     if multi_grid is not None:
         if len(multi_grid) != num_blocks:
-            raise ValueError(f"multi_grid {list(multi_grid)} needs one entry per block of layer4 ({num_blocks})")
+            raise ConfigError(f"multi_grid {list(multi_grid)} needs one entry per block of layer4 ({num_blocks})")
         return [dilation * g for g in multi_grid]
     first = dilation // 2 if contract_dilation and dilation > 1 else dilation
     return [first] + [dilation] * (num_blocks - 1)
@@ -26,7 +28,7 @@ def stage_dilations(num_blocks, dilation, contract_dilation=True, multi_grid=Non
 
 def _stage_pattern(output_stride):
     if output_stride not in STAGE_PATTERNS:
-        raise ValueError(f"output_stride must be one of {sorted(STAGE_PATTERNS)}, got {output_stride}")
+        raise ConfigError(f"output_stride must be one of {sorted(STAGE_PATTERNS)}, got {output_stride}")
     return STAGE_PATTERNS[output_stride]
 
 
@@ -96,9 +98,9 @@ class ResNetV1c(nn.Module):
                  multi_grid=None, width_mult=1.0, maxpool_ceil_mode=False, zero_init_residual=True):
         super().__init__()
         if depth not in ARCHS:
-            raise ValueError(f"resnet_v1c depth must be one of {sorted(ARCHS)}, got {depth}")
+            raise ConfigError(f"resnet_v1c depth must be one of {sorted(ARCHS)}, got {depth}")
         if len(stem_channels) != 3:
-            raise ValueError(f"stem_channels needs three widths, got {list(stem_channels)}")
+            raise ConfigError(f"stem_channels needs three widths, got {list(stem_channels)}")
         block, num_blocks = ARCHS[depth]
         strides, dilations = _stage_pattern(output_stride)
 
@@ -196,11 +198,11 @@ class TorchvisionResNet(nn.Module):
     def __init__(self, depth=50, output_stride=8, contract_dilation=True, width_mult=1.0):
         super().__init__()
         if depth not in TORCHVISION_BUILDERS:
-            raise ValueError(f"torchvision_resnet depth must be one of {sorted(TORCHVISION_BUILDERS)}, got {depth}")
+            raise ConfigError(f"torchvision_resnet depth must be one of {sorted(TORCHVISION_BUILDERS)}, got {depth}")
         if width_mult != 1.0:
-            raise ValueError(f"torchvision_resnet supports width_mult 1.0 only, got {width_mult}")
+            raise ConfigError(f"torchvision_resnet supports width_mult 1.0 only, got {width_mult}")
         if not contract_dilation:
-            raise ValueError("torchvision_resnet always contracts the first dilation of a stage (contract_dilation)")
+            raise ConfigError("torchvision_resnet always contracts the first dilation of a stage (contract_dilation)")
         net = TORCHVISION_BUILDERS[depth](weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4

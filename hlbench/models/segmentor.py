@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hlbench.errors import ConfigError
 from hlbench.models.heads import resize
 
 
@@ -119,7 +120,7 @@ class Segmentor(nn.Module):
     def predict_hl(self, img):
         """N×1×H×W raw HL logits D at input size, for HL maps (any mode)."""
         if self.hl_head is None:
-            raise ValueError("this model has no HL head; build it with build_model(..., hl=True)")
+            raise ValueError("this model has no HL head; build it with hl.enabled=true")
         return resize(self.hl_head(self.backbone(img)), img.shape[2:], self.align_corners)
 
 
@@ -133,6 +134,6 @@ class CascadeSegmentor(Segmentor):
 
     def _decode_outputs(self, feats, feature_perturbation):
         if feature_perturbation:
-            raise ValueError("the OCRNet cascade has no feature perturbation; UniMatch's needs head type aspp_plus")
+            raise ConfigError("the OCRNet cascade has no feature perturbation; UniMatch's needs head type aspp_plus")
         stage0, out = self.decode_head.stages(feats)
         return {"out": out, "out0": stage0}

@@ -1,8 +1,9 @@
 """HL-map panels: image | ground truth | prediction | HL map | CE loss | hardness kinds, one row per image.
 
 The panel is a matplotlib figure (no pyplot, so it renders in any thread and without a display): column titles,
-one colour bar per map column on a scale shared by its rows (so two images' maps can be compared), and the
-hardness kinds of a ground-truth mask drawn apart in one colour each.
+rows of equal tiles, one labelled colour bar under each map column on a scale shared by its rows (so two images'
+maps can be compared), a legend of the class colours of the ground truth and prediction shown, and the hardness
+kinds of a ground-truth mask drawn apart in one colour each.
 """
 from __future__ import annotations
 
@@ -100,14 +101,15 @@ def colorize_kinds(hard: np.ndarray, bits: dict[str, int], order: list[str]) -> 
 
 def hl_panel_figure(labels, preds=None, palette=None, *, images=None, hl=None, loss=None, hard=None,
                     hard_bits: dict | None = None, max_images: int = 4, title: str | None = None,
-                    cmap: str = "magma") -> Figure:
+                    cmap: str = "magma", class_names=None) -> Figure:
     """Rows of [image, ground truth, prediction, HL map, CE loss, hardness kinds] as a figure with column titles.
 
     Columns whose input is None (or empty) are left out. Every tile is drawn at the label size; images and maps
     at input size are resized to it. The HL and loss columns each share one colour scale over their rows (with a
-    colour bar), set by the labelled pixels; the loss bar ends at their 99th percentile. Hardness kinds are drawn
-    rarest on top, so a kind covering most of the image (synthetic "confusable") does not hide the thin and small
-    ones; the legend gives each kind's share of the labelled pixels shown.
+    colour bar under it, in a row of its own so every row of tiles lines up), set by the labelled pixels; the loss
+    bar ends at their 99th percentile. A legend names the colour of each class the ground truth or prediction
+    shows. Hardness kinds are drawn rarest on top, so a kind covering most of the image (synthetic "confusable")
+    does not hide the thin and small ones; their legend gives each kind's share of the labelled pixels shown.
 
     Args:
         labels: int N×H×W class ids, 255 = ignore (black).
@@ -118,6 +120,7 @@ def hl_panel_figure(labels, preds=None, palette=None, *, images=None, hl=None, l
         loss: float N×H×W per-pixel cross-entropy.
         hard: N×H×W ground-truth hardness bitmask; `hard_bits` ({kind: bit}) names its kinds, without it any
             non-zero pixel is drawn white.
+        class_names: one name per palette entry, for the class legend ("class <id>" when None).
     """
     labels = to_numpy(labels)
     n = min(len(labels), max_images)
@@ -142,6 +145,13 @@ def hl_panel_figure(labels, preds=None, palette=None, *, images=None, hl=None, l
         loss = as_maps(loss)[:n]
         top = float(np.percentile(loss[valid], LOSS_PERCENTILE)) if valid.any() else 1.0
         columns.append(("CE loss", list(loss), {"cmap": cmap, "vmin": 0.0, "vmax": max(top, 1e-6)}))
+    bar_labels = {"HL map h": "h (learned hardness)", "CE loss": f"CE (nats), capped at p{LOSS_PERCENTILE}"}
+    shown = np.unique(np.concatenate([labels.ravel()] + ([to_numpy(preds)[:n].ravel()] if preds is not None else [])))
+    names = list(class_names) if class_names is not None else [f"class {i}" for i in range(len(palette))]
+    class_legend = [Patch(color=np.array(palette[c]) / 255, label=names[c] if c < len(names) else f"class {c}")
+                    for c in shown if c != IGNORE_INDEX]
+    if (shown == IGNORE_INDEX).any():
+        class_legend.append(Patch(color=np.array(IGNORE_RGB) / 255, label="ignore"))
     legend = []
     if hard is not None and len(hard):
         hard = to_numpy(hard)[:n].astype(np.int64)
@@ -158,8 +168,10 @@ def hl_panel_figure(labels, preds=None, palette=None, *, images=None, hl=None, l
 
     tile_w = 2.0
     tile_h = tile_w * hw[0] / hw[1]
-    fig = Figure(figsize=(tile_w * len(columns), tile_h * n + 1.2 + (0.3 if title else 0)), layout="constrained")
-    axes = np.asarray(fig.subplots(n, len(columns), squeeze=False))
+    bar_h = 0.12  # the colour bars' row, in tile heights
+    fig = Figure(figsize=(tile_w * len(columns), tile_h * (n + bar_h) + 2.0 + (0.3 if title else 0)),
+                 layout="constrained")
+    axes = np.asarray(fig.subplots(n + 1, len(columns), squeeze=False, height_ratios=[1] * n + [bar_h]))
     for c, (name, tiles, kwargs) in enumerate(columns):
         for r in range(n):
             ax = axes[r, c]
@@ -169,12 +181,17 @@ def hl_panel_figure(labels, preds=None, palette=None, *, images=None, hl=None, l
             if r == 0:
                 ax.set_title(name, fontsize=9)
         if "cmap" in kwargs:
-            bar = fig.colorbar(im, ax=axes[:, c], orientation="horizontal", shrink=0.9, aspect=15,
+            bar = fig.colorbar(im, cax=axes[n, c], orientation="horizontal",
                                extend="max" if name == "CE loss" else "neither")
             bar.ax.tick_params(labelsize=7)
-    if legend:
-        fig.legend(handles=legend, loc="outside lower center", ncol=len(legend), fontsize=8, frameon=False,
-                   handlelength=1, title="hardness kinds, % of labelled pixels", title_fontsize=8)
+            bar.set_label(bar_labels[name], fontsize=7)
+        else:
+            axes[n, c].axis("off")
+    for handles, heading in ((class_legend, "classes (ground truth, prediction)"),
+                             (legend, "hardness kinds, % of labelled pixels")):
+        if handles:
+            fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2 * len(columns)),
+                       fontsize=7, frameon=False, handlelength=1, title=heading, title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig

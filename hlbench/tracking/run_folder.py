@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import warnings
 from collections.abc import Mapping
@@ -13,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from hlbench.atomic_files import atomic_write
-from hlbench.errors import ConfigError
+from hlbench.errors import BadFileError, ConfigError, MissingInputError
 
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
@@ -93,7 +94,7 @@ def append_jsonl(path: str | Path, record: Mapping) -> None:
 def _existing_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
+        raise MissingInputError(f"{path}: file not found")
     return path
 
 
@@ -102,7 +103,7 @@ def read_json(path: str | Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise BadFileError(f"{path}: not valid JSON ({e})") from None
 
 
 def read_yaml(path: str | Path):
@@ -146,20 +147,31 @@ def claimed_run_folder(next_path, resume: bool):
 
     A fresh run creates its folder with one exclusive mkdir: of two jobs starting together one gets it and the
     other asks `next_path()` again (which then names the next version). resume=true takes the existing folder;
-    the lock keeps out a second job. A run that wrote nothing (it failed at start) leaves no folder behind.
+    the lock keeps out a second job. A run that failed before its first metrics line or checkpoint (at start)
+    leaves no folder behind, so the next attempt gets this name again; a folder it did not create is kept.
     """
     while True:
         path = Path(next_path())
         if resume and path.exists():
+            created = False
             break
         try:
             path.mkdir(parents=True)
+            created = True
             break
         except FileExistsError:
             continue
     with _locked(path) as lock:
         try:
             yield path
+        except BaseException:
+            if created and not (path / METRICS_FILE).exists() and not (path / "checkpoints").exists():
+                for child in path.iterdir():  # config.yaml, env.json, an empty W&B segment: no results
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    elif child.name != LOCK_FILE:
+                        child.unlink()
+            raise
         finally:
             if [p.name for p in path.iterdir()] == [LOCK_FILE]:
                 lock.unlink()

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+from hlbench.errors import ConfigError
 from hlbench.tracking.environment import environment_record
 from hlbench.tracking.hl_maps import (as_maps, colorize_hl, default_palette, hl_panel_figure, image_to_hwc,
                                       resize_map, save_figure, to_numpy)
@@ -63,10 +64,11 @@ class Tracker:
                  name: str | None = None, class_names=(), palette=None, env_extra: dict | None = None,
                  resumed_from: int | None = None, rank: int = 0):
         if logger not in LOGGERS:
-            raise ValueError(f"tracking logger must be one of {LOGGERS}, got {logger!r}")
+            raise ConfigError(f"tracking logger must be one of {LOGGERS}, got {logger!r}")
         self.active = rank == 0
         self.run_dir = Path(run_dir)
         self.class_names = list(class_names)
+        self.name = name or f"{self.run_dir.parent.name}/{self.run_dir.name}"  # the panels' titles
         self.palette = list(palette) if palette is not None else default_palette(len(self.class_names))
         self._wandb = None
         self._run = None
@@ -177,7 +179,8 @@ class Tracker:
         if not self.active:
             return None
         fig = hl_panel_figure(labels, preds, self.palette, images=images, hl=hl, loss=loss, hard=hard,
-                              hard_bits=hard_bits, title=f"iteration {int(it)}")
+                              hard_bits=hard_bits, title=f"{self.name}, iteration {int(it)}",
+                              class_names=self.class_names or None)
         path = save_figure(fig, self.run_dir / "hl_maps" / f"iter_{int(it):06d}.png")
         if self._run is not None:
             data = self._call(self._hl_media, path, images, hl, to_numpy(labels), to_numpy(preds))
