@@ -229,13 +229,11 @@ class EMAHead(DecodeHead):
 
 class FCNContextHead(FCNHead):
     """An FCN head with two 3×3 convs and a context module between them (mmseg CCHead, NLHead, GCHead);
-    concat_input (default true) adds `conv_cat` over the input and the second conv's output."""
+    concat_input (default true) adds `conv_cat` over the input and the second conv's output. Subclasses define
+    `context(x)`."""
 
     def __init__(self, in_channels, channels, num_classes, **kwargs):
         super().__init__(in_channels, channels, num_classes, num_convs=2, **kwargs)
-
-    def context(self, x):
-        raise NotImplementedError
 
     def forward(self, inputs):
         x = inputs[self.in_index]
@@ -458,8 +456,7 @@ class PSAHead(DecodeHead):
             odd = h % s and w % s
             align_corners = bool(odd)
             size = ((h - 1) // s + 1, (w - 1) // s + 1) if odd else (h // s, w // s)
-            x_col, x_dis = (F.interpolate(t, size=size, mode="bilinear", align_corners=align_corners)
-                            for t in (x_col, x_dis))
+            x_col, x_dis = resize(x_col, size, align_corners), resize(x_dis, size, align_corners)
         out = torch.cat([self._aggregate(x_col, self.attention(x_col), "collect"),
                          self._aggregate(x_dis, self.attention_p(x_dis), "distribute")], dim=1)
         out = resize(self.proj(out), identity.shape[2:], align_corners)

@@ -6,6 +6,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from hlbench.errors import ConfigError
+from hlbench.models.attention_heads import ANNHead, CCHead, EMAHead, GCHead, ISAHead, NLHead, PSAHead
 from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, ConvBNReLU, DepthwiseSeparableASPPHead,
                                   FCNHead, OCRHead, ProjectedHead, PSPHead, UPerHead)
 from hlbench.models.pretrained import load_pretrained
@@ -15,7 +16,8 @@ from hlbench.weights import resolve_pretrained
 
 BACKBONES = {"resnet_v1c": ResNetV1c, "resnet_v1s": ResNetV1s, "torchvision_resnet": TorchvisionResNet}
 HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead,
-         "aspp_plus": ASPPPlusHead, "uper": UPerHead, "ocr": OCRHead}
+         "aspp_plus": ASPPPlusHead, "uper": UPerHead, "ocr": OCRHead, "ann": ANNHead, "cc": CCHead, "ema": EMAHead,
+         "gc": GCHead, "isa": ISAHead, "nl": NLHead, "psa": PSAHead}
 # Heads with a low-level skip; build_model derives its input width from c1_in_index.
 C1_HEADS = (DepthwiseSeparableASPPHead, ASPPPlusHead)
 # Heads that refine a previous stage's logits; their config holds that stage under `stage0` (OCRNet: an FCN head).

@@ -169,7 +169,7 @@ def hl_panel_figure(labels, preds=None, palette=None, *, images=None, hl=None, l
     tile_w = 2.0
     tile_h = tile_w * hw[0] / hw[1]
     bar_h = 0.12  # the colour bars' row, in tile heights
-    fig = Figure(figsize=(tile_w * len(columns), tile_h * (n + bar_h) + 2.0 + (0.3 if title else 0)),
+    fig = Figure(figsize=(tile_w * len(columns), tile_h * (n + bar_h) + 1.6 + (0.3 if title else 0)),
                  layout="constrained")
     axes = np.asarray(fig.subplots(n + 1, len(columns), squeeze=False, height_ratios=[1] * n + [bar_h]))
     for c, (name, tiles, kwargs) in enumerate(columns):
@@ -187,11 +187,11 @@ def hl_panel_figure(labels, preds=None, palette=None, *, images=None, hl=None, l
             bar.set_label(bar_labels[name], fontsize=7)
         else:
             axes[n, c].axis("off")
-    for handles, heading in ((class_legend, "classes (ground truth, prediction)"),
-                             (legend, "hardness kinds, % of labelled pixels")):
+    for handles, heading, where in ((class_legend, "classes (ground truth, prediction)", "outside lower left"),
+                                    (legend, "hardness kinds, % of labelled pixels", "outside lower right")):
         if handles:
-            fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2 * len(columns)),
-                       fontsize=7, frameon=False, handlelength=1, title=heading, title_fontsize=8)
+            fig.legend(handles=handles, loc=where, ncol=min(len(handles), len(columns)), fontsize=7, frameon=False,
+                       handlelength=1, title=heading, title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
