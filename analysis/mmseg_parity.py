@@ -5,11 +5,14 @@ the tests:
     python3 -m venv /tmp/mmseg-venv
     /tmp/mmseg-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 mmcv-lite==2.1.0 mmengine \
         mmsegmentation==1.2.2 ftfy regex omegaconf
-    PYTHONPATH=. /tmp/mmseg-venv/bin/python analysis/mmseg_parity.py [--size 128]
+    PYTHONPATH=. /tmp/mmseg-venv/bin/python analysis/mmseg_parity.py [--size 97] [--models ...]
 Each mmseg model is randomly initialised (BN statistics too), saved as an mmseg 1.x checkpoint, loaded into the
 hlbench model of the same config with hlbench.models.load_checkpoint, and both are run in eval mode on one image.
+Then both run one training forward (BN batch statistics, dropout off) on two images: the decode logits, the
+gradients of their sum and EMANet's updated bases are compared too.
 """
 import argparse
+import importlib.util
 import sys
 import tempfile
 import types
@@ -23,7 +26,14 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "hlbench" / "conf" / "model"
 
 
 def _stub_mmcv_ops():
-    """mmcv-lite ships no compiled ops; mmseg imports some at module level for heads we do not compare."""
+    """mmcv-lite ships no compiled ops, and `mmcv.ops` fails on import; mmseg imports some at module level for heads
+    we do not compare. Two heads we do compare need one: CCHead gets mmcv's own pure-torch CrissCrossAttention
+    (mmcv/ops/cc_attention.py, loaded by path past the package's compiled imports), PSAHead hlbench's psa_mask
+    (tested against a transcription of mmcv's kernel in tests/test_attention_heads.py)."""
+    import mmcv
+
+    from hlbench.models.attention_heads import psa_mask
+
     ops = types.ModuleType("mmcv.ops")
 
     def placeholder(name):
@@ -31,6 +41,19 @@ def _stub_mmcv_ops():
             raise AttributeError(name)
         return type(name, (torch.nn.Module,), {})
 
+    class PSAMask(torch.nn.Module):
+        def __init__(self, psa_type, mask_size):
+            super().__init__()
+            self.psa_type, self.mask_size = psa_type, mask_size
+
+        def forward(self, x):
+            return psa_mask(x, self.mask_size, self.psa_type)
+
+    spec = importlib.util.spec_from_file_location("mmcv_cc_attention",
+                                                  Path(mmcv.__file__).parent / "ops" / "cc_attention.py")
+    cc_attention = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc_attention)
+    ops.CrissCrossAttention, ops.PSAMask = cc_attention.CrissCrossAttention, PSAMask
     ops.__getattr__ = placeholder
     sys.modules["mmcv.ops"] = ops
 
@@ -39,6 +62,12 @@ def _resnet(depth, dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1)):
     return dict(type="ResNetV1c", depth=depth, num_stages=4, out_indices=(0, 1, 2, 3), dilations=dilations,
                 strides=strides, norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False,
                 style="pytorch", contract_dilation=True)
+
+
+def _head(type, **options):
+    """An mmseg decode head, by default on stage 4 of a ResNet-101 (2048 channels), as mmseg's _base_/models files."""
+    return dict(dict(type=type, in_channels=2048, in_index=3, dropout_ratio=0.1, num_classes=NUM_CLASSES,
+                     norm_cfg=dict(type="BN"), align_corners=False), **options)
 
 
 def _aux():
@@ -65,6 +94,22 @@ MMSEG_MODELS = {
     "upernet_r50": dict(backbone=_resnet(50, dilations=(1, 1, 1, 1), strides=(1, 2, 2, 2)), decode_head=dict(
         type="UPerHead", in_channels=[256, 512, 1024, 2048], in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
         channels=512, dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"), align_corners=False)),
+    # The Cityscapes architecture table's attention heads (breadth.md §1, from the authors' log headers).
+    "ann_r101": dict(backbone=_resnet(101), decode_head=_head(
+        "ANNHead", in_channels=[1024, 2048], in_index=[2, 3], channels=512, project_channels=256, query_scales=(1,),
+        key_pool_scales=(1, 3, 6, 8))),
+    "ccnet_r101": dict(backbone=_resnet(101), decode_head=_head("CCHead", channels=512, recurrence=2)),
+    "emanet_r101": dict(backbone=_resnet(101), decode_head=_head(
+        "EMAHead", channels=256, ema_channels=512, num_bases=64, num_stages=3, momentum=0.1)),
+    "gcnet_r101": dict(backbone=_resnet(101), decode_head=_head(
+        "GCHead", channels=512, ratio=1 / 4., pooling_type="att", fusion_types=("channel_add",))),
+    "isanet_r101": dict(backbone=_resnet(101), decode_head=_head(
+        "ISAHead", channels=512, isa_channels=256, down_factor=(8, 8))),
+    "nonlocal_r101": dict(backbone=_resnet(101), decode_head=_head(
+        "NLHead", channels=512, reduction=2, use_scale=True, mode="embedded_gaussian")),
+    "psanet_r101": dict(backbone=_resnet(101), decode_head=_head(
+        "PSAHead", channels=512, mask_size=(97, 97), psa_type="bi-direction", compact=False, shrink_factor=2,
+        normalization_factor=1.0, psa_softmax=True)),
 }
 
 
@@ -84,6 +129,11 @@ def build_mmseg(body):
                 tensor.uniform_(0.5, 1.5)
             elif name.endswith(("bn.bias", "running_mean")) or ".bn" in name and name.endswith("bias"):
                 tensor.normal_(0, 0.1)
+        # Zero-initialised parameters (CCNet's gamma, GCNet's last conv, ANN's out projection, zero biases) would
+        # hide their block from the logits.
+        for tensor in model.parameters():
+            if not tensor.any():
+                tensor.normal_(0, 0.2)
     return model.eval()
 
 
@@ -108,12 +158,43 @@ def compare(name, size, tmp):
     diff = (ref - out).abs().max().item()
     print(f"{name:20s} loaded {len(report['loaded'])} missing {len(report['missing'])} "
           f"unexpected {len(report['unexpected'])}  max|logit diff| {diff:.3e}  (logit scale {ref.abs().max():.2f})")
-    return diff
+    return max(diff, compare_training(name, theirs, ours, size))
+
+
+def _train_without_dropout(model):
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout2d):
+            m.eval()
+
+
+def compare_training(name, theirs, ours, size):
+    """One training forward (batch statistics, dropout off) and backward of the decode logits' sum on both models:
+    max |Δ| of the logits, of the decode head's gradients (each relative to its tensor's largest), and of EMANet's
+    updated bases. The backbone's gradients are left out: through a randomly initialised ResNet-101 they reach
+    1e5 and carry fp32 noise of that scale."""
+    _train_without_dropout(theirs)
+    _train_without_dropout(ours)
+    img = torch.randn(2, 3, size, size)
+    ref = theirs.decode_head(theirs.extract_feat(img))
+    out = ours(img)["out"]
+    ref.sum().backward()
+    out.sum().backward()
+    diffs = {"train logits": (ref - out).abs().max().item()}
+    grads = {n: p.grad for n, p in ours.decode_head.named_parameters() if p.grad is not None}
+    ref_grads = {n: p.grad for n, p in theirs.decode_head.named_parameters() if n in grads}
+    diffs["head grads (relative)"] = max(
+        ((ref_grads[n] - grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12)).item() for n in ref_grads)
+    if hasattr(ours.decode_head, "ema_module"):
+        diffs["EMA bases"] = (theirs.decode_head.ema_module.bases - ours.decode_head.ema_module.bases).abs().max().item()
+    print(f"{'':20s} " + "  ".join(f"{k} {v:.3e}" for k, v in diffs.items())
+          + f"  ({len(ref_grads)} of {len(grads)} gradients matched by name)")
+    return max(diffs.values())
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=97, help="input side; odd sides test the odd-size paths")
     parser.add_argument("--models", nargs="*", default=list(MMSEG_MODELS))
     args = parser.parse_args()
     _stub_mmcv_ops()

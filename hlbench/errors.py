@@ -10,9 +10,8 @@ class MissingInputError(ConfigError, FileNotFoundError):
     """A file or folder the input names does not exist (a data root, a weights file, a checkpoint)."""
 
 
-class BadFileError(ConfigError, ValueError):
-    """An input file that exists but cannot be used (unreadable, another layout, tensors that do not fit the model).
-    Also a ValueError: code that passes over a bad file to an older one (a resume) catches it with the others."""
+class BadFileError(ConfigError):
+    """An input file that exists but cannot be used (unreadable, another layout, tensors that do not fit the model)."""
 
 
 class RunStopped(RuntimeError):

@@ -50,7 +50,8 @@ def test_linear_warmup_then_poly():
 def test_method_param_groups_carry_lr_multipliers():
     model = torch.nn.ModuleDict({"backbone": torch.nn.Linear(2, 2), "decode_head": torch.nn.Linear(2, 2),
                                  "hl_head": torch.nn.Linear(2, 1)})
-    cfg = OmegaConf.create({"hl": {"lr_mult": 10.0}, "method": {"lr_mult": {"decode_head.": 2.0}}})
+    cfg = OmegaConf.create({"hl": {"enabled": True, "lr_mult": 10.0, "semisup": {"apply_to": ["sup"]}},
+                            "method": {"lr_mult": {"decode_head.": 2.0}}})
     groups = Method(cfg).param_groups(model)
     assert [g["lr_mult"] for g in groups] == [1.0, 2.0, 10.0]
     assert groups[2]["params"] == [model["hl_head"].weight, model["hl_head"].bias]

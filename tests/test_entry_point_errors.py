@@ -1,10 +1,12 @@
 """What the command lines report: the project's input errors as one `error:` line with exit status 2, any other
 exception (a fault of ours) with its traceback; and a trained run rebuilt for scoring with its own HL head."""
+import json
 import logging
 import sys
 
 import pytest
 import torch
+from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
@@ -29,9 +31,12 @@ def cli(monkeypatch, capsys, tmp_path):
     def call(module, args):
         GlobalHydra.instance().clear()
         monkeypatch.setattr(sys, "argv", [module, *args, f"out_dir={tmp_path}"])
-        with pytest.raises(SystemExit) as exit_:
+        try:
             __import__(module, fromlist=["main"]).main()
-        return exit_.value.code, capsys.readouterr().err
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code
+        return status, capsys.readouterr().err
 
     yield call
     GlobalHydra.instance().clear()
@@ -75,18 +80,22 @@ def _light_run(tmp_path, with_hl=True):
     model = build_model(OmegaConf.merge(cfg.model, {"backbone": {"pretrained": "none"}}), len(CLASSES), cfg.hl)
     state = {k: v for k, v in model.state_dict().items() if with_hl or not k.startswith("hl_head.")}
     torch.save({"model": state}, run_dir / "checkpoints" / "iter_000004.pth")
-    return cfg, run_dir, model
+    return run_dir, model
 
 
 def test_the_study_rebuilds_a_light_head_run_with_its_light_head(hydra_ctx, tmp_path, monkeypatch):
     import hlbench.engine.evaluator
     from analysis.hl_study import stratified_scores
 
-    _, run_dir, trained = _light_run(tmp_path)
+    run_dir, trained = _light_run(tmp_path)
     scored = []
     evaluate = hlbench.engine.evaluator.evaluate
-    monkeypatch.setattr(hlbench.engine.evaluator, "evaluate", lambda model, *a, **k: scored.append(model)
-                        or evaluate(model, *a, **k))
+
+    def recording(model, *args, **kwargs):
+        scored.append(model)
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(hlbench.engine.evaluator, "evaluate", recording)
     stratified_scores(run_dir)
     model = scored[0]
     assert isinstance(model.hl_head, ProjectedHead) and model.hl_head.channels == 4
@@ -97,22 +106,24 @@ def test_the_study_rebuilds_a_light_head_run_with_its_light_head(hydra_ctx, tmp_
 def test_the_study_refuses_a_checkpoint_that_lacks_the_runs_tensors(hydra_ctx, tmp_path):
     from analysis.hl_study import stratified_scores
 
-    _, run_dir, _ = _light_run(tmp_path, with_hl=False)
+    run_dir, _ = _light_run(tmp_path, with_hl=False)
     with pytest.raises(ConfigError, match=r"iter_000004\.pth: \d+ of the model's tensors are not in it \(e\.g\. "
                                           r"hl_head\.") as err:
         stratified_scores(run_dir)
     assert "\n" not in str(err.value)
 
 
-def test_eval_scores_a_light_head_checkpoint_and_refuses_one_missing_tensors(hydra_ctx, tmp_path, cli):
-    from hlbench.eval import evaluate_checkpoint
+def test_eval_rebuilds_a_light_head_run_and_refuses_a_checkpoint_missing_tensors(tmp_path, cli):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
+        run_dir, _ = _light_run(tmp_path)
+        baseline_dir, _ = _light_run(tmp_path / "b", with_hl=False)
+    status, err = cli("hlbench.eval", [f"run={run_dir}"])  # the model from the run's own config.yaml
+    assert status == 0, err[-2000:]
+    (metrics,) = (tmp_path / "eval").glob("*/iter_000004/metrics.json")
+    saved = json.loads(metrics.read_text())
+    assert saved["weights"]["missing"] == [] and saved["hl_auroc"] is not None
 
-    cfg, run_dir, _ = _light_run(tmp_path)
-    ckpt = run_dir / "checkpoints" / "iter_000004.pth"
-    result = evaluate_checkpoint(OmegaConf.merge(cfg, {"checkpoint": str(ckpt)}), "smoke/hl")
-    assert result["weights"]["missing"] == [] and result["hl_auroc"] is not None
-
-    _, baseline_dir, _ = _light_run(tmp_path / "b", with_hl=False)
     partial = baseline_dir / "checkpoints" / "iter_000004.pth"
     status, err = cli("hlbench.eval", [*LIGHT, f"checkpoint={partial}"])
     (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]

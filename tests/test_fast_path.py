@@ -26,7 +26,9 @@ def _step(hydra_overrides, bf16):
     torch.manual_seed(2)  # the same dropout masks in both precisions
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         out = model(img)
-        loss, logs = method.loss(out, label, model.align_corners)
+        terms = method.loss(out, label, model.align_corners)
+        loss = terms.seg + terms.hl + terms.aux
+        logs = {**terms.logs, "loss": loss}
         weights = hardness_weights(resize(out["hl"], (64, 64), False), scope="batch")
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.hl_head.parameters()])

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ..atomic_files import atomic_write
-from ..errors import ConfigError
+from ..errors import BadFileError, ConfigError
 from ..models.pretrained import read_torch_file
 
 log = logging.getLogger("hlbench")
@@ -92,8 +92,8 @@ def latest_valid_state(ckpt_dir: Path, required=("model", "optimizer", "iter")) 
         try:
             state = load_state(path)
             if missing := [k for k in required if k not in state] + ([] if {"ranks", "rng"} & set(state) else ["ranks"]):
-                raise ValueError(f"{path}: a checkpoint without {missing}")
-        except ValueError as err:
+                raise BadFileError(f"{path}: a checkpoint without {missing}")
+        except BadFileError as err:
             bad.append((path, err))
             continue
         for unreadable, err in bad:
@@ -127,5 +127,5 @@ def load_state(path: Path, map_location="cpu") -> dict:
     """A training-state checkpoint (ours: it pickles RNG states, so it is loaded in full)."""
     state = read_torch_file(path, safe_first=False, map_location=map_location)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
+        raise BadFileError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
     return state

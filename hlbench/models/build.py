@@ -83,7 +83,7 @@ def build_model(model_cfg, num_classes, hl=None, *, weights_dir=None):
             channels (ProjectedHead); null keeps the decode head's exact copy, as the authors do.
         weights_dir: the folder where a bare `backbone.pretrained` file name is looked up (hlbench.weights).
     """
-    hl = hl if hl is not None else {"enabled": False}
+    hl = hl if hl is not None else {}
     # Defaults as hlbench/conf/config.yaml's, for callers that pass a partial node (tests, notebooks).
     with_hl, detach_hl_features = bool(hl.get("enabled", False)), bool(hl.get("detach_features", True))
     hl_head_channels = hl.get("head_channels")
