@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config_checks import check_config
 from .engine.cores import set_intra_op_threads
+from .engine.preemption import INTERRUPT_EXIT
 from .errors import ConfigError, RunStopped
 from .paths import experiments_dir
 from .report import comparison_table, methods_by_split_table
@@ -196,6 +197,13 @@ def hydra_main(cfg: DictConfig) -> None:
             raise
         print(f"stopped: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        # A Ctrl-C outside the training steps (building, evaluating) or a second one: nothing to checkpoint.
+        if os.environ.get("HLBENCH_TRACEBACK"):
+            raise
+        print("stopped: Ctrl-C outside a training step: no checkpoint written; resume=true continues from the "
+              "newest one", file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT)
     except ConfigError as err:
         # Bad input (config values, data, weights) is reported in one line; HLBENCH_TRACEBACK=1 shows the trace.
         # Any other exception is a fault of ours and keeps its traceback.

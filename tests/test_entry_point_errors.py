@@ -55,6 +55,16 @@ def test_an_internal_value_error_in_a_run_keeps_its_traceback(cli, monkeypatch):
     assert "error: an internal fault" not in err
 
 
+def test_a_ctrl_c_outside_the_training_steps_is_one_line_with_status_130(cli, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(hlbench.engine.trainer, "build_model", interrupted)  # while the run is being built
+    status, err = cli("hlbench.run", [*TINY, "experiment=smoke/hl"])
+    assert status == 130 and "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.startswith("stopped:")] == [
+        "stopped: Ctrl-C outside a training step: no checkpoint written; resume=true continues from the newest one"]
+
+
 def test_an_internal_value_error_in_eval_keeps_its_traceback(cli, monkeypatch, tmp_path):
     monkeypatch.setattr(hlbench.models, "build_model", _raise_internal)
     status, err = cli("hlbench.eval", [*TINY, "experiment=smoke/hl", f"checkpoint={tmp_path / 'w.pth'}"])
