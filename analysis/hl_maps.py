@@ -14,22 +14,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.runs import SUMMARY_FILE
-from analysis.stability import load_snapshot, snapshot_paths
 from hlbench.errors import MissingInputError
 from hlbench.labels import IGNORE_INDEX
 from hlbench.tracking.hl_maps import colorize_labels, default_palette, hl_panel_figure, image_to_hwc
 from hlbench.tracking.run_folder import read_json
-
-EXTRAS = ("image", "pred", "classes", "palette", "kinds", "bits")
-
-
-def read_snapshot(path) -> dict:
-    """load_snapshot's hl / loss / label / hard, plus whichever of EXTRAS the file holds."""
-    snap = load_snapshot(path)
-    with np.load(path) as npz:
-        snap.update({k: npz[k] for k in EXTRAS if k in npz.files})
-    return snap
-
+from hlbench.tracking.snapshots import load_snapshot, snapshot_paths
 
 def snapshot_at(run_dir, it: int | None = None) -> tuple[int, dict]:
     """(iteration, snapshot) of a run: the one at `it`, or the last one."""
@@ -41,7 +30,7 @@ def snapshot_at(run_dir, it: int | None = None) -> tuple[int, dict]:
         it = max(paths)
     if it not in paths:
         raise KeyError(f"{run_dir}: no snapshot at iteration {it}; snapshots: {sorted(paths)}")
-    return it, read_snapshot(paths[it])
+    return it, load_snapshot(paths[it])
 
 
 def class_names(snap: dict, run_dir=None) -> list[str]:
@@ -129,7 +118,7 @@ def snapshot_grid(run_dir, image: int = 0, max_snapshots: int = 6, cmap: str = "
     paths = _spread(snapshot_paths(run_dir), max_snapshots)
     if not paths:
         raise MissingInputError(f"{Path(run_dir) / 'hl_maps'}: no maps_*.npz snapshot")
-    snaps = [(it, read_snapshot(p)) for it, p in paths]
+    snaps = [(it, load_snapshot(p)) for it, p in paths]
     first = snaps[-1][1]
     if not 0 <= image < len(first["label"]):
         raise IndexError(f"snapshot_grid: image {image} out of range (the snapshots hold {len(first['label'])})")

@@ -20,11 +20,12 @@ import pandas as pd
 import torch
 
 from analysis.runs import load_runs, repeats_note
-from analysis.stability import load_snapshot, snapshot_paths, spearman
+from analysis.stability import spearman
 from analysis.tables import aggregate, format_mean_std
 from hlbench.errors import BadFileError, ConfigError, MissingInputError
 from hlbench.labels import IGNORE_INDEX
 from hlbench.metrics import binary_auroc
+from hlbench.tracking.snapshots import kind_bits, load_snapshot, snapshot_paths
 
 SIGNALS = ("hl", "loss")
 # The printed tables' column names for summary.json keys and this module's own.
@@ -45,13 +46,6 @@ def readable(column: str, top: float = 0.10) -> str:
     if column.startswith("auroc."):
         return f"AUROC {column[len('auroc.'):]}"
     return column
-
-
-def _kind_bits(path) -> dict[str, int]:
-    with np.load(path) as npz:
-        if "kinds" not in npz.files:
-            return {}
-        return {str(k): int(b) for k, b in zip(npz["kinds"], npz["bits"])}
 
 
 def top_overlap(a: np.ndarray, b: np.ndarray, top: float) -> float:
@@ -93,10 +87,10 @@ def stability_curves(run_dir, top: float = 0.10, hard_kinds=None, ignore_index: 
     paths = snapshot_paths(run_dir)
     if len(paths) < 2:
         return pd.DataFrame(columns=["iter", "signal", "corr_prev", "corr_final", "top_prev", "top_final"])
-    bits = _kind_bits(paths[-1][1])
+    final = load_snapshot(paths[-1][1])
+    bits = kind_bits(final)
     if hard_kinds is None:
         hard_kinds = [k for k in bits if k != "confusable"]
-    final = load_snapshot(paths[-1][1])
     rows, prev = [], None
     for it, path in paths:
         cur = load_snapshot(path)

@@ -6,8 +6,6 @@ stores every `train.hl_map_interval` iterations (hl_maps/maps_<iter>.npz).
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,8 +14,8 @@ import torch
 from hlbench.errors import BadFileError
 from hlbench.labels import IGNORE_INDEX
 from hlbench.metrics import binary_auroc
+from hlbench.tracking.snapshots import load_snapshot, snapshot_paths
 
-SNAPSHOT_RE = re.compile(r"maps_(\d+)\.npz$")
 COLUMNS = ["iter", "prev_iter", "hl_rank_corr", "loss_rank_corr", "hl_auroc_vs_hard", "loss_auroc_vs_hard"]
 
 
@@ -35,27 +33,6 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
     return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
-
-
-def snapshot_paths(run_dir) -> list[tuple[int, Path]]:
-    """(iter, path) of every hl_maps/maps_*.npz of a run, by iteration."""
-    found = [(int(m.group(1)), p) for p in (Path(run_dir) / "hl_maps").glob("maps_*.npz")
-             if (m := SNAPSHOT_RE.search(p.name))]
-    return sorted(found)
-
-
-def load_snapshot(path) -> dict[str, np.ndarray]:
-    """One maps_*.npz as float32 hl / loss and uint8 label / hard arrays, all K×H×W."""
-    with np.load(path) as npz:
-        missing = [k for k in ("hl", "loss", "label", "hard") if k not in npz.files]
-        if missing:
-            raise BadFileError(f"{path}: missing arrays {missing} (expected hl, loss, label, hard)")
-        label = npz["label"]
-        # hl can carry a singleton channel axis (K×1×H×W); the pixel grid is the label's.
-        snap = {"hl": npz["hl"].astype(np.float32).reshape(label.shape),
-                "loss": npz["loss"].astype(np.float32).reshape(label.shape), "label": label,
-                "hard": npz["hard"].reshape(label.shape)}
-    return snap
 
 
 def _per_image_corr(prev: np.ndarray, cur: np.ndarray, valid: np.ndarray) -> float:

@@ -44,8 +44,7 @@ def run_dir_for(cfg, experiment: str, suite: str | None, profile: str | None, se
     return base.parent / f"seed{seed}-{last + 1}"
 
 
-def run_experiment(cfg: DictConfig, experiment: str, suite: str | None, profile: str | None,
-                   hooks: dict | None = None) -> dict:
+def run_experiment(cfg: DictConfig, experiment: str, suite: str | None, profile: str | None) -> dict:
     """Train + evaluate one experiment for cfg.seed; returns its summary (with run_dir)."""
     from .engine.distributed import broadcast_from_main, init_distributed
     from .engine.trainer import train
@@ -60,7 +59,7 @@ def run_experiment(cfg: DictConfig, experiment: str, suite: str | None, profile:
         run_dir = broadcast_from_main(claimed)
         if info.is_main:
             log.info("run folder: %s", run_dir)
-        summary = train(cfg, run_dir, info, meta, hooks=hooks)
+        summary = train(cfg, run_dir, info, meta)
     summary["run_dir"] = str(run_dir)
     return summary
 

@@ -36,7 +36,7 @@ from IPython.display import display
 from analysis import format_table
 from analysis.hl_maps import class_hardness, kind_hardness, snapshot_figure
 from analysis.runs import notebook_runs
-from analysis.stability import snapshot_paths
+from hlbench.tracking.snapshots import snapshot_paths
 
 RUNS, runs = notebook_runs(RUNS)
 hl_runs = runs[runs["hl.enabled"].fillna(False).astype(bool)]

@@ -39,7 +39,7 @@ from analysis import format_table
 from analysis.hl_maps import snapshot_grid
 from analysis.hl_study import stability_curves, stability_summary
 from analysis.runs import notebook_runs
-from analysis.stability import snapshot_paths
+from hlbench.tracking.snapshots import snapshot_paths
 
 RUNS, runs = notebook_runs(RUNS)
 hl_runs = runs[runs["hl.enabled"].fillna(False).astype(bool)]

@@ -87,3 +87,20 @@ def gloo_group(rank: int, world: int, port: int):
         yield
     finally:
         dist.destroy_process_group()
+
+
+def sigterm_during_step(monkeypatch, step: int):
+    """Stop a run as a scheduler pre-empts a job: this process receives SIGTERM while training step `step`
+    (1-based); the loop finishes the step, checkpoints it and raises RunStopped (exit status 75)."""
+    import signal
+
+    import hlbench.engine.trainer as trainer
+
+    lr_at = trainer.lr_at
+
+    def signalling(it, *args, **kwargs):  # called as iteration `it` (0-based) starts
+        if it == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return lr_at(it, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "lr_at", signalling)

@@ -7,6 +7,7 @@ import pytest
 
 from analysis.hl_maps import class_hardness, kind_hardness, snapshot_at, snapshot_figure, snapshot_grid
 from analysis.semisup import methods_by_class, methods_by_split, semisup_runs
+from hlbench.tracking.snapshots import save_snapshot
 
 CLASSES = ["road", "pole"]
 BITS = {"thin": 1, "confusable": 8}
@@ -28,13 +29,13 @@ def write_snapshot(run_dir, it, hl_road=0.2, hl_pole=0.8, full=True):
     hl = np.where(label == 1, hl_pole, hl_road).astype(np.float16)
     hl[label == 255] = 5.0  # ignored pixels must not enter any mean
     loss = np.where(label == 1, 2.0, 0.5).astype(np.float16)
-    arrays = {"hl": hl[:, None], "loss": loss, "label": label, "hard": hard}
     if full:
-        arrays |= {"image": np.zeros((1, 3, *label.shape[1:]), np.uint8), "pred": np.zeros_like(label),
-                   "classes": np.array(CLASSES), "palette": np.array([(128, 64, 128), (153, 153, 153)], np.uint8),
-                   "kinds": np.array(list(BITS)), "bits": np.array(list(BITS.values()))}
+        save_snapshot(run_dir, it, hl=hl[:, None], loss=loss, label=label, hard=hard,
+                      image=np.zeros((1, 3, *label.shape[1:]), np.uint8), pred=np.zeros_like(label), classes=CLASSES,
+                      palette=[(128, 64, 128), (153, 153, 153)], kinds=BITS)
+        return
     (run_dir / "hl_maps").mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(run_dir / "hl_maps" / f"maps_{it:06d}.npz", **arrays)
+    np.savez_compressed(run_dir / "hl_maps" / f"maps_{it:06d}.npz", hl=hl[:, None], loss=loss, label=label, hard=hard)
 
 
 def _titles(fig):

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from hlbench.errors import RunStopped
 from hlbench.methods import METHODS, Stream, Supervised
 from hlbench.run import run_experiment
-from tests.conftest import TINY, compose_run
+from tests.conftest import TINY, compose_run, sigterm_during_step
 
 pytestmark = pytest.mark.slow
 
@@ -57,11 +58,13 @@ def _over(*extra):
                    *extra]
 
 
-def test_method_state_is_checkpointed_and_restored(hydra_ctx, tmp_path, ema_method):
+def test_method_state_is_checkpointed_and_restored(hydra_ctx, tmp_path, ema_method, monkeypatch):
     full = run_experiment(compose_run(_over(), tmp_path / "a")[0], "smoke/hl", None, "smoke")
-    stopped = run_experiment(compose_run(_over(), tmp_path / "b")[0], "smoke/hl", None, "smoke",
-                             hooks={"stop_after": 2})
-    state = torch.load(Path(stopped["run_dir"]) / "checkpoints/iter_000002.pth", weights_only=False)["method"]
+    sigterm_during_step(monkeypatch, 2)
+    with pytest.raises(RunStopped):
+        run_experiment(compose_run(_over(), tmp_path / "b")[0], "smoke/hl", None, "smoke")
+    stopped = tmp_path / "b/runs/smoke-hl-smoke/seed0"
+    state = torch.load(stopped / "checkpoints/iter_000002.pth", weights_only=False)["method"]
     assert state["steps"] == 2 and state["extra_images"] == 4  # 2 iterations x 1 micro-batch x 2 images
     resumed = run_experiment(compose_run(_over("resume=true"), tmp_path / "b")[0], "smoke/hl", None, "smoke")
     a = torch.load(Path(full["run_dir"]) / "checkpoints/iter_000004.pth", weights_only=False)["method"]

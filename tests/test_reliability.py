@@ -27,7 +27,7 @@ from hlbench.errors import ConfigError, RunStopped
 from hlbench.methods.supervised import Supervised
 from hlbench.run import run_dir_for, run_experiment
 from hlbench.tracking.run_folder import claimed_run_folder
-from tests.conftest import REPO, TINY, compose_run, offline_records
+from tests.conftest import REPO, TINY, compose_run, offline_records, sigterm_during_step
 
 pytestmark = pytest.mark.slow
 
@@ -49,9 +49,9 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def _run(over, out, **kw):
+def _run(over, out):
     with _one_thread():
-        return run_experiment(compose_run(over, out)[0], "smoke/hl", None, "smoke", **kw)
+        return run_experiment(compose_run(over, out)[0], "smoke/hl", None, "smoke")
 
 
 @pytest.fixture(scope="module")
@@ -361,9 +361,13 @@ def test_wandb_failures_never_stop_training_or_the_run_folder(hydra_ctx, wandb_o
     assert json.loads((run_dir / "summary.json").read_text())["final"] == summary["final"]
 
 
-def test_a_resumed_run_adds_an_offline_segment_and_w_and_b_reads_both(hydra_ctx, wandb_offline, tmp_path):
+def test_a_resumed_run_adds_an_offline_segment_and_w_and_b_reads_both(hydra_ctx, wandb_offline, tmp_path,
+                                                                    monkeypatch):
     over = TINY + ["experiment=smoke/hl", "logger=wandb"]
-    run_dir = Path(_run(over, tmp_path, hooks={"stop_after": 2})["run_dir"])
+    sigterm_during_step(monkeypatch, 2)
+    with pytest.raises(RunStopped):
+        _run(over, tmp_path)
+    run_dir = tmp_path / "runs" / "smoke-hl-smoke" / "seed0"
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     (first,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}*")
     first_files = {p: p.read_bytes() for p in first.rglob("*") if p.is_file() and p.suffix == ".wandb"}

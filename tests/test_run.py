@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from hlbench.errors import RunStopped
 from hlbench.run import run, run_experiment
 from hlbench.suites import load_suite
-from tests.conftest import REPO, TINY, compose_run
+from tests.conftest import REPO, TINY, compose_run, sigterm_during_step
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +43,15 @@ def test_smoke_suite_writes_run_folders_and_table(hydra_ctx, tmp_path, capsys):
     assert list((Path(hl["run_dir"]) / "hl_maps").glob("*.png"))
 
 
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(hydra_ctx, tmp_path):
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(hydra_ctx, tmp_path, monkeypatch):
     over = TINY + ["experiment=smoke/hl", "train.iters=6", "train.ckpt_interval=3", "train.num_workers=1"]
     full = run_experiment(compose_run(over, tmp_path / "a")[0], "smoke/hl", None, "smoke")
-    stopped = run_experiment(compose_run(over, tmp_path / "b")[0], "smoke/hl", None, "smoke",
-                             hooks={"stop_after": 3})
-    assert stopped["stopped_at"] == 3
+    sigterm_during_step(monkeypatch, 2)  # a step between checkpoints: the stop writes its own
+    with pytest.raises(RunStopped, match="SIGTERM at iteration 2") as stopped:
+        run_experiment(compose_run(over, tmp_path / "b")[0], "smoke/hl", None, "smoke")
+    assert stopped.value.exit_code == 75
     resumed = run_experiment(compose_run(over + ["resume=true"], tmp_path / "b")[0], "smoke/hl", None, "smoke")
-    assert resumed["run_dir"] == stopped["run_dir"] and resumed["resumed_from"] == 3
+    assert resumed["run_dir"] == str(tmp_path / "b/runs/smoke-hl-smoke/seed0") and resumed["resumed_from"] == 2
     assert resumed["final"]["IoU"] == full["final"]["IoU"]
     a = torch.load(Path(full["run_dir"]) / "checkpoints/iter_000006.pth", weights_only=False)["model"]
     b = torch.load(Path(resumed["run_dir"]) / "checkpoints/iter_000006.pth", weights_only=False)["model"]

@@ -8,6 +8,7 @@ import pytest
 
 from analysis.compare import pair_class_delta, pair_runs, per_class_delta
 from analysis.stability import average_ranks, snapshot_stability, spearman
+from hlbench.errors import BadFileError
 
 
 def _write_maps(run_dir, it, hl, loss, label, hard):
@@ -65,7 +66,7 @@ def test_snapshot_stability_empty_and_mismatched(tmp_path):
     _write_maps(tmp_path, 1, ones, ones, ones, ones)
     assert snapshot_stability(tmp_path).empty  # one snapshot: no pair
     _write_maps(tmp_path, 2, ones, ones, 2 * ones, ones)
-    with pytest.raises(ValueError, match="not the same images"):
+    with pytest.raises(BadFileError, match="not the same images"):
         snapshot_stability(tmp_path)
 
 

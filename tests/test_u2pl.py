@@ -178,16 +178,18 @@ def test_one_valid_class_gives_no_contrastive_loss():
 
 
 @pytest.mark.slow
-def test_a_stopped_and_resumed_u2pl_run_equals_an_uninterrupted_one(hydra_ctx, tmp_path):
+def test_a_stopped_and_resumed_u2pl_run_equals_an_uninterrupted_one(hydra_ctx, tmp_path, monkeypatch):
+    from hlbench.errors import RunStopped
     from hlbench.run import run_experiment
-    from tests.conftest import TINY, compose_run
+    from tests.conftest import TINY, compose_run, sigterm_during_step
 
     over = TINY + ["experiment=semisup/u2pl_hl_1_16", "train.iters=4", "train.ckpt_interval=2",
                    "method.contrastive.num_queries=16", "method.contrastive.queue_size=64",
                    "method.contrastive.queue_size_class0=64"]
     full = run_experiment(compose_run(over, tmp_path / "a")[0], "semisup/u2pl_hl_1_16", None, "smoke")
-    run_experiment(compose_run(over, tmp_path / "b")[0], "semisup/u2pl_hl_1_16", None, "smoke",
-                   hooks={"stop_after": 2})
+    sigterm_during_step(monkeypatch, 2)
+    with pytest.raises(RunStopped):
+        run_experiment(compose_run(over, tmp_path / "b")[0], "semisup/u2pl_hl_1_16", None, "smoke")
     resumed = run_experiment(compose_run(over + ["resume=true"], tmp_path / "b")[0], "semisup/u2pl_hl_1_16", None,
                              "smoke")
     a = torch.load(f"{full['run_dir']}/checkpoints/iter_000004.pth", weights_only=False)

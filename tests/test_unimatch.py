@@ -13,12 +13,12 @@ from hydra import compose
 from omegaconf import OmegaConf
 
 import hlbench.methods.unimatch as um
-from hlbench.errors import ConfigError
+from hlbench.errors import ConfigError, RunStopped
 from hlbench.methods import METHODS, LabelledLoss
 from hlbench.methods.strong_aug import strong_view, unimatch_box
 from hlbench.methods.unimatch import UniMatch, mixed_targets, paste_in_box, resolve_flags, unsup_loss
 from hlbench.run import run_experiment
-from tests.conftest import compose_run
+from tests.conftest import compose_run, sigterm_during_step
 
 MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
@@ -302,7 +302,7 @@ def seen(monkeypatch):
 
 
 @pytest.mark.slow
-def test_tiny_run_resumes_exactly(hydra_ctx, tmp_path, seen):
+def test_tiny_run_resumes_exactly(hydra_ctx, tmp_path, seen, monkeypatch):
     assert METHODS["unimatch"] is UniMatch
     full = run_experiment(compose_run(_run_overrides(), tmp_path / "a")[0], "unimatch", None, "smoke")
     assert full["batch"]["per_device"] == {"labeled": 2, "unlabeled": 4, "mix": 4}
@@ -310,8 +310,9 @@ def test_tiny_run_resumes_exactly(hydra_ctx, tmp_path, seen):
     assert math.isfinite(full["final"]["mIoU"])
     uninterrupted = list(seen)
     seen.clear()
-    run_experiment(compose_run(_run_overrides(), tmp_path / "b")[0], "unimatch", None, "smoke",
-                   hooks={"stop_after": 2})
+    sigterm_during_step(monkeypatch, 2)
+    with pytest.raises(RunStopped):
+        run_experiment(compose_run(_run_overrides(), tmp_path / "b")[0], "unimatch", None, "smoke")
     resumed = run_experiment(compose_run(_run_overrides("resume=true"), tmp_path / "b")[0], "unimatch", None,
                              "smoke")
     assert resumed["resumed_from"] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,59 @@ import torch
 import torch.distributed as dist
 
 from ..atomic_files import atomic_write
-from ..errors import BadFileError, ConfigError
+from ..errors import BadFileError, ConfigError, RunStopped
 from ..models.pretrained import read_torch_file
 
 log = logging.getLogger("hlbench")
 
 _ITER_RE = re.compile(r"iter_(\d+)\.pth$")
+
+
+class Checkpoints:
+    """A run's checkpoints/ folder: full training states iter_<k>.pth (the newest train.keep_checkpoints kept) and
+    best.pth, written atomically, and the last good one, which every fault message names."""
+
+    def __init__(self, folder: Path, keep: int):
+        self.folder, self.keep = Path(folder), keep
+        self.last_saved: Path | None = None  # the newest state this run wrote or resumed from
+
+    @property
+    def best_path(self) -> Path:
+        return self.folder / "best.pth"
+
+    def path(self, it: int) -> Path:
+        return self.folder / f"iter_{it:06d}.pth"
+
+    def last_good(self) -> str:
+        return (f"the last good checkpoint is {self.last_saved}" if self.last_saved
+                else "no checkpoint was written before it")
+
+    def latest(self) -> dict | None:
+        """The newest readable training state (latest_valid_state), or None."""
+        found = latest_valid_state(self.folder)
+        if found is None:
+            return None
+        self.last_saved, state = found
+        return state
+
+    def save(self, it: int, state: dict) -> Path:
+        """Write the training state after `it` iterations, then prune the older ones."""
+        path = self.path(it)
+        self.write(state, path)
+        self.last_saved = path
+        prune_checkpoints(self.folder, self.keep, path)
+        return path
+
+    def write(self, state: dict, path: Path) -> None:
+        """atomic_save; a failed write (full disk, quota, I/O error) leaves the earlier files as they were and stops
+        the run in one line saying so."""
+        try:
+            atomic_save(state, path)
+        except (OSError, RuntimeError) as err:  # torch.save reports a short write as a RuntimeError
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise RunStopped(f"could not write {path} ({type(err).__name__}: {err}; {free:.0f} MiB free there); the "
+                             f"files already there are unchanged ({self.last_good()}); free space, then "
+                             f"resume=true") from err
 
 
 def atomic_save(obj, path: Path) -> None:
