@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from .atomic_files import atomic_write
+from .compose import compose
 from .engine.distributed import plan_batches
 from .engine.optim import build_optimizer
 from .engine.precision import allow_tf32, autocast
@@ -92,10 +92,9 @@ class Setup:
 @functools.cache
 def _compose(model_name: str, hl: bool, overrides: tuple = ()):
     """The run config of a model (composed once per arguments: groups share it)."""
-    with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
-        # Random weights time the same as ImageNet ones, so no weights file is needed.
-        return compose("config", overrides=[f"model={model_name}", "model.backbone.pretrained=none",
-                                            f"hl.enabled={hl}", "logger=none", *overrides])
+    # Random weights time the same as ImageNet ones, so no weights file is needed.
+    return compose([f"model={model_name}", "model.backbone.pretrained=none", f"hl.enabled={hl}", "logger=none",
+                    *overrides])
 
 
 def _sync(device: torch.device) -> None:

@@ -16,6 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from .compose import compose, hydra_context
 from .config_checks import check_config
 from .engine.cores import set_intra_op_threads
 from .engine.preemption import INTERRUPT_EXIT
@@ -70,8 +71,6 @@ def _seeds(cfg) -> list[int]:
 
 def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = False) -> list[dict]:
     """Run what the composed config asks for: one experiment, or every experiment of cfg.suite; all seeds."""
-    from hydra import compose
-
     from .data import require_data_root
 
     profile = choices.get("profile")
@@ -86,7 +85,7 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
             raise ConfigError(f"{suite_file(cfg.suite)}: layout={layout!r}; expected methods_by_split or none")
         # Each suite member is composed as if the user had typed experiment=<member> plus their overrides.
         keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("suite", "experiment")]
-        plan = [(name, compose("config", overrides=keep + [f"experiment={name}"])) for name in suite.experiments]
+        plan = [(name, compose(keep + [f"experiment={name}"])) for name in suite.experiments]
     # Every run's config, weights and data folders are checked before the first starts: a suite never stops hours in.
     for name, c in plan:
         check_config(c)
@@ -148,19 +147,18 @@ def check_overrides(overrides: list[str]) -> None:
     """Compose once before Hydra starts, so that a bad override is one line naming it (Hydra prints several).
 
     An override that adds a key (`+key=`, `++key=`) outside OPEN_KEYS must name a key the config already has."""
-    from hydra import compose, initialize_config_module
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException, MissingConfigException
 
     try:
-        with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
-            cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        with hydra_context():
+            cfg = compose(overrides, return_hydra_config=True)
             groups = set(cfg.hydra.runtime.choices)
             added = {o.key_or_group: o.input_line for o in OverridesParser.create().parse_overrides(overrides)
                      if (o.is_add() or o.is_force_add()) and o.key_or_group not in groups
                      and o.key_or_group.split(".")[0] not in OPEN_KEYS}
             if added:
-                base = compose("config", overrides=[o for o in overrides if o not in added.values()])
+                base = compose([o for o in overrides if o not in added.values()])
                 missing = object()
                 for key, line in added.items():
                     if OmegaConf.select(base, key, default=missing) is missing:
@@ -175,9 +173,7 @@ def check_overrides(overrides: list[str]) -> None:
             # Hydra's hint here is to add the key with +, which would then run with the key ignored.
             key = match.group(1)
             line = next(o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key)
-            with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
-                raise _unknown_key(key, line, compose("config", overrides=[o for o in overrides if o != line])) \
-                    from None
+            raise _unknown_key(key, line, compose([o for o in overrides if o != line])) from None
         lines = [ln.strip().rstrip(".") for ln in str(err).splitlines() if ln.strip() and not ln.startswith("See ")]
         raise ConfigError("; ".join(lines)) from None
 

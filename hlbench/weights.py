@@ -22,9 +22,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
 from tqdm import tqdm
 
+from .compose import compose, hydra_context
 from .errors import ConfigError
 from .paths import experiments_dir
 from .suites import load_suite
@@ -132,11 +132,11 @@ def _suite_experiments(suite: str | None) -> dict[str, list[str]]:
 def needed_weights(suite: str | None = None) -> dict[str, dict[str, list[str]]]:
     """{suite: {pretrained value: [experiments]}} for one suite or all; values are names, paths or "none"."""
     needed = {}
-    with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
+    with hydra_context():
         for name, experiments in _suite_experiments(suite).items():
             needed[name] = {}
             for experiment in experiments:
-                value = _pretrained_value(compose("config", overrides=[f"experiment={experiment}"]).model)
+                value = _pretrained_value(compose([f"experiment={experiment}"]).model)
                 needed[name].setdefault(value, []).append(experiment)
     return needed
 

@@ -9,9 +9,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
+
+from hlbench.compose import compose, hydra_context
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def _no_wandb(monkeypatch, tmp_path):
 @pytest.fixture
 def hydra_ctx():
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
+    with hydra_context():
         yield
     GlobalHydra.instance().clear()
 
@@ -40,7 +41,7 @@ def hydra_ctx():
 def compose_run(overrides, out_dir=None):
     """Compose like the CLI does; returns (cfg without the hydra node, runtime choices, overrides)."""
     overrides = list(overrides) + ([f"out_dir={out_dir}"] if out_dir else [])
-    full = compose("config", overrides=overrides, return_hydra_config=True)
+    full = compose(overrides, return_hydra_config=True)
     choices = OmegaConf.to_container(full.hydra.runtime.choices)
     with open_dict(full):
         del full["hydra"]
