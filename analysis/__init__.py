@@ -1,16 +1,7 @@
-"""Analysis of hlbench run folders and the authors' logs: load runs and metrics, aggregate over seeds, tables."""
-import importlib
+"""Analysis of hlbench run folders (runs, tables, suite_tables, semisup, hl_maps, stability, hl_study, dashboard)
+and of the HL authors' logs (logs, authors_tables)."""
+from analysis.runs import CONFIG_AXES, find_run_dirs, load_runs, read_metrics
+from analysis.tables import aggregate, format_mean_std, format_table
 
-# Loaded on first use, so that `python -m analysis.tables` does not find analysis.tables already imported by
-# the package (runpy warns that running a module the package imported "may result in unpredictable behaviour").
-_EXPORTS = {"CONFIG_AXES": "analysis.runs", "find_run_dirs": "analysis.runs", "load_runs": "analysis.runs",
-            "read_metrics": "analysis.runs", "aggregate": "analysis.tables", "format_mean_std": "analysis.tables",
-            "format_table": "analysis.tables"}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'analysis' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__all__ = ["CONFIG_AXES", "aggregate", "find_run_dirs", "format_mean_std", "format_table", "load_runs",
+           "read_metrics"]

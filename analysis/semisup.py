@@ -3,14 +3,14 @@
 The row and column of a run come from its expected-results card (paper.row / paper.column, e.g. "U2PL + HL" and
 "1/8"); runs without a card (the synthetic study) use the experiment's name and the split's source. Two rules
 are tabulated: the references' (U2PL and UniMatch report their selected checkpoint; where another protocol
-selected it, its re-scored number: hlbench.report.reference_rule_miou) and the last iteration.
+selected it, its re-scored number: hlbench.results_table.reference_rule_miou) and the last iteration.
 """
 from __future__ import annotations
 
 import pandas as pd
 
 from analysis.runs import find_run_dirs, newest_per_seed
-from analysis.tables import aggregate, format_mean_std
+from analysis.tables import aggregate, format_mean_std, reference_rule_column
 
 RULES = {"reference rule": "reference_rule.mIoU", "last iteration": "final.mIoU"}
 
@@ -25,9 +25,7 @@ def semisup_runs(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs[_column(runs, "split.source").notna()].copy()
     runs["row"] = _column(runs, "paper.row").fillna(runs["experiment"])
     runs["column"] = _column(runs, "paper.column").fillna(_column(runs, "split.source"))
-    rescored = _column(runs, "best.rescored.mIoU")
-    runs["reference_rule.mIoU"] = pd.to_numeric(rescored, errors="coerce").fillna(
-        pd.to_numeric(_column(runs, "best.mIoU"), errors="coerce"))
+    runs["reference_rule.mIoU"] = reference_rule_column(runs)
     return runs
 
 

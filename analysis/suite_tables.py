@@ -6,7 +6,7 @@ paper's: "79.8 ± 0.3 (3); paper 80.65". A table shows one evaluation, named in 
   final           the last iteration's (what the mmseg tables report);
   best            the best periodic evaluation's;
   reference rule  the semi-supervised references' selected checkpoint, re-scored where another protocol selected
-                  it (hlbench.report.reference_rule_miou).
+                  it (hlbench.results_table.reference_rule_miou).
 A table holds the runs of one profile (none: the recipe itself); where the profile replaced the model (smoke), the
 cells say "smoke model" instead of the paper's number.
 """
@@ -14,15 +14,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.tables import aggregate, format_mean_std
+from analysis.tables import aggregate, format_mean_std, reference_rule_column
 from hlbench.report import SMOKE_MODEL, comparable_with_paper
 
 SHOWS = {"final": "final.mIoU", "best": "best.mIoU", "reference rule": "reference_rule.mIoU"}
-
-
-def _numeric(runs: pd.DataFrame, name: str) -> pd.Series:
-    return pd.to_numeric(runs[name], errors="coerce") if name in runs.columns else pd.Series(float("nan"),
-                                                                                                 index=runs.index)
 
 
 def profiles(runs: pd.DataFrame) -> list[str | None]:
@@ -50,7 +45,7 @@ def suite_table(runs: pd.DataFrame, suite: str, shows: str = "final", profile: s
     same_profile = _column(runs, "profile").isna() if profile is None else _column(runs, "profile") == profile
     runs = runs[runs["experiment"].isin(cards) & same_profile].copy()
     comparable = comparable_with_paper({"profile": profile})
-    runs["reference_rule.mIoU"] = _numeric(runs, "best.rescored.mIoU").fillna(_numeric(runs, "best.mIoU"))
+    runs["reference_rule.mIoU"] = reference_rule_column(runs)
     metric = SHOWS[shows]
     ours = {}
     if not runs.empty:

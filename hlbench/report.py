@@ -1,18 +1,7 @@
 """The comparison table printed at the end of a suite: one row per experiment, mean ± std (n) over seeds."""
 from __future__ import annotations
 
-import math
-
-import numpy as np
-
-
-def _mean_std(values: list[float | None], scale: float = 1.0, digits: int = 2) -> str:
-    vals = [v * scale for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return f"{vals[0]:.{digits}f}"
-    return f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f} ({len(vals)})"
+from .results_table import POINT_DIGITS, POINTS, mean_std, reference_rule_miou, text_table
 
 
 # profile=smoke trains a quarter-width ResNet-18 in place of each experiment's model (hlbench/conf/profile/smoke.yaml):
@@ -44,28 +33,18 @@ def comparison_table(summaries: list[dict], title: str = "") -> str:
     lines = []
     for name, runs in rows.items():
         lines.append([name, "yes" if runs[0]["hl"] else "no",
-                      _mean_std([r["final"]["mIoU"] for r in runs], 100),
-                      _mean_std([r.get("report_IoU") for r in runs], 100),
-                      _mean_std([r.get("hl_auroc") for r in runs], 1, 3),
-                      _mean_std([r["train_time_s"] for r in runs], 1, 0),
-                      _mean_std([r.get("s_per_iter") for r in runs], 1, 3),
-                      _card(runs[0], "value", 2), _card(runs[0], "s_per_iter", 3)])
-    widths = [max(len(str(r[i])) for r in [header] + lines) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [title] if title else []
-    out += [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in lines]
+                      mean_std([r["final"]["mIoU"] for r in runs], POINTS),
+                      mean_std([r.get("report_IoU") for r in runs], POINTS),
+                      mean_std([r.get("hl_auroc") for r in runs], 1, 3),
+                      mean_std([r["train_time_s"] for r in runs], 1, 0),
+                      mean_std([r.get("s_per_iter") for r in runs], 1, 3),
+                      _card(runs[0], "value", POINT_DIGITS), _card(runs[0], "s_per_iter", 3)])
+    out = ([title] if title else []) + text_table([header] + lines)
     classes = next((s.get("report_classes") for s in summaries if s.get("report_classes")), None)
     if classes:
         out.append(f"thin/small classes: {', '.join(classes)}; metrics are final-iteration values (x100), "
                    "mean ± std (n) over seeds")
     return "\n".join(out)
-
-
-def reference_rule_miou(summary: dict) -> float | None:
-    """The number a reference reports: its selected weights scored with the final protocol where another protocol
-    selected them (U2PL's eval.py on ckpt_best), else the selected evaluation itself (UniMatch's best)."""
-    best = summary.get("best") or {}
-    return (best.get("rescored") or best).get("mIoU")
 
 
 def methods_by_split_table(summaries: list[dict], title: str = "") -> str:
@@ -89,10 +68,7 @@ def methods_by_split_table(summaries: list[dict], title: str = "") -> str:
                 if not runs:
                     line.append("")
                     continue
-                line.append(f"{_mean_std([value(x) for x in runs], 100)} ({_card(runs[0], 'value', 1)})")
+                line.append(f"{mean_std([value(x) for x in runs], POINTS)} ({_card(runs[0], 'value', 1)})")
             lines.append(line)
-        widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        out += [f"mIoU x100, {label}:", fmt.format(*lines[0]), fmt.format(*("-" * w for w in widths))]
-        out += [fmt.format(*line) for line in lines[1:]]
+        out += [f"mIoU x100, {label}:"] + text_table(lines)
     return "\n".join(out)

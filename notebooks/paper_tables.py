@@ -22,7 +22,7 @@
 #   over seeds, points), and baseline vs HL per suite.
 # * **The authors'.** Given a folder laid out like the authors' `logs/` (one sub-folder per table, each with a
 #   README whose cells link to log files), every table rebuilt from the logs with its check column
-#   (`analysis.paper_tables`, also `python -m analysis.tables <dir> --out DIR`).
+#   (`analysis.authors_tables`, also `python -m analysis.authors_tables <dir> --out DIR`).
 #
 # Set `HLBENCH_RUNS` to the runs folder (default: the project's `outputs/`) and `HLBENCH_LOGS` to the authors'
 # logs folder.
@@ -106,7 +106,7 @@ else:
                        sharey=False, height=0.4 * plot["experiment"].nunique() + 1.5, aspect=1.5)
 
 # %% [markdown]
-# ## The authors' tables, rebuilt from their logs (`analysis.paper_tables`)
+# ## The authors' tables, rebuilt from their logs (`analysis.authors_tables`)
 #
 # Each table in its README's shape with Δ = HL − baseline, the mean Δ line and a check column flagging any cell
 # whose README number differs from the value rebuilt from its log.
@@ -115,7 +115,7 @@ else:
 if not LOGS or not Path(LOGS).is_dir():
     print("HLBENCH_LOGS is not a folder: set it to a folder laid out like the authors' logs/ to rebuild their tables")
 else:
-    from analysis.paper_tables import build_paper_tables
+    from analysis.authors_tables import build_paper_tables
 
     tables, skipped, _ = build_paper_tables(LOGS)
     for t in tables:

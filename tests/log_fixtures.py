@@ -1,7 +1,7 @@
 """Small logs in the HL authors' formats, written by tests: mmseg 0.x log.json and a logs/ folder README.
 
 Modelled on mmsegmentation 0.22's JSON-lines logger (header line, then train / val lines in its key order) so
-that analysis.logs and analysis.paper_tables meet the real layout; the values are whatever a test asks for.
+that analysis.logs and analysis.authors_tables meet the real layout; the values are whatever a test asks for.
 """
 from __future__ import annotations
 

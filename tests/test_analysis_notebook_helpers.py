@@ -110,10 +110,10 @@ def test_methods_by_split_uses_cards_and_the_reference_rule():
     assert len(semisup_runs(runs)) == 6  # the fully supervised run has no split
     table = methods_by_split(runs)
     assert table.index.tolist() == ["U2PL", "U2PL + HL"] and table.columns.tolist() == ["1/8", "1/4"]
-    assert table.loc["U2PL", "1/8"] == "72.5 ± 0.7 (2)"  # re-scored numbers where the card's protocol re-scored
-    assert table.loc["U2PL + HL", "1/8"] == "74.5 ± 0.7 (2)"
+    assert table.loc["U2PL", "1/8"] == "72.50 ± 0.71 (2)"  # re-scored numbers where the card's protocol re-scored
+    assert table.loc["U2PL + HL", "1/8"] == "74.50 ± 0.71 (2)"
     assert table.loc["U2PL + HL", "1/4"] == ""  # no run in that cell
-    assert methods_by_split(runs, "last iteration").loc["U2PL", "1/4"] == "60.0 ± 0.0 (2)"
+    assert methods_by_split(runs, "last iteration").loc["U2PL", "1/4"] == "60.00 ± 0.00 (2)"
     with pytest.raises(KeyError, match="rule"):
         methods_by_split(runs, "best")
 
@@ -134,4 +134,4 @@ def test_runs_without_cards_fall_back_to_experiment_and_split_source():
                           "best.mIoU": 0.3, "final.mIoU": 0.2}])
     table = methods_by_split(runs)
     assert table.index.tolist() == ["semisup_synthetic/u2pl"] and table.columns.tolist() == ["seeded(0.125, 0)"]
-    assert table.iloc[0, 0] == "30.0 (1)"
+    assert table.iloc[0, 0] == "30.00 (1)"

@@ -66,8 +66,8 @@ def test_aggregate_mean_std_n_and_format(runs_root):
 
     text = format_mean_std(agg)
     assert list(text.columns) == ["hl.enabled", "final.mIoU", "hl_auroc"]
-    assert text.loc[~text["hl.enabled"], "final.mIoU"].item() == "62.0 ± 2.8 (2)"
-    assert text.loc[text["hl.enabled"], "final.mIoU"].item() == "70.0 (1)"  # one sample: no spread to show
+    assert text.loc[~text["hl.enabled"], "final.mIoU"].item() == "62.00 ± 2.83 (2)"
+    assert text.loc[text["hl.enabled"], "final.mIoU"].item() == "70.00 (1)"  # one sample: no spread to show
     assert text.loc[~text["hl.enabled"], "hl_auroc"].item() == "–"
 
     with pytest.raises(KeyError, match="final.nope"):
@@ -80,7 +80,7 @@ def test_format_table_fixed_width(runs_root):
     assert lines[0].split("|")[1].strip() == "hl.enabled"
     assert set(lines[1]) == {"|", "-"}
     assert len({len(line) for line in lines}) == 1  # every line equally wide
-    assert "| 62.0 ± 2.8 (2) |" in lines[2]
+    assert "| 62.00 ± 2.83 (2) |" in lines[2]
 
 
 def test_format_table_keeps_a_pipe_inside_one_cell():

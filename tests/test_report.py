@@ -34,9 +34,9 @@ def test_methods_by_split_table_is_shaped_like_the_paper():
     rule = text[text.index("mIoU x100, reference selection rule:") + 1:text.index("mIoU x100, last iteration:")]
     assert rule[0].split() == ["method", "1/16", "ours", "(paper)", "1/8", "ours", "(paper)", "1/2", "ours", "(paper)"]
     u2pl = next(line for line in rule if line.startswith("U2PL"))
-    assert "71.00 ± 1.41 (2) (70.0)" in u2pl and "75.00 (70.0)" in u2pl  # re-scored best where there is one
+    assert "71.00 ± 1.41 (2) (70.0)" in u2pl and "75.00 (1) (70.0)" in u2pl  # re-scored best where there is one
     unimatch = next(line for line in rule if line.startswith("UniMatch"))
-    assert "76.00 (75.7)" in unimatch and "80.00 (–)" in unimatch
+    assert "76.00 (1) (75.7)" in unimatch and "80.00 (1) (–)" in unimatch
     last = text[text.index("mIoU x100, last iteration:"):]
     assert "58.50 ± 0.71 (2) (70.0)" in next(line for line in last if line.startswith("U2PL"))
 
@@ -53,4 +53,4 @@ def test_a_smoke_model_run_is_not_set_beside_the_papers_number():
     assert smoke_line.count("smoke model") == 2 and "74.40" not in smoke_line  # mIoU and s/iter
     assert "74.40" in next(line for line in lines if line.startswith("semisup/u2pl_1_4"))  # same model, bf16
     table = methods_by_split_table([smoke, fast])
-    assert "50.00 (smoke model)" in table and "60.00 (74.4)" in table and "50.00 (74.4)" not in table
+    assert "50.00 (1) (smoke model)" in table and "60.00 (1) (74.4)" in table and "50.00 (1) (74.4)" not in table

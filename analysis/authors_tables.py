@@ -7,9 +7,13 @@ this module re-reads each linked log (analysis.logs), applies the table's report
 column; from the same baseline / HL pairs it builds the per-class IoU Δ table and the training-cost comparison
 (median s/iter, peak memory, HL / baseline). Nothing about any particular table is written here: rows, columns,
 classes, metrics and numbers all come from the READMEs and the logs.
+
+    python -m analysis.authors_tables <logs dir> --out DIR
 """
 from __future__ import annotations
 
+import argparse
+import sys
 import hashlib
 import math
 import re
@@ -556,3 +560,23 @@ def write_paper_tables(root, out) -> str:
     written.append(atomic_write_text(out / "cells.csv", all_cells.to_csv(index=False)))
     report += [*skipped, f"wrote {len(written)} file(s) to {out}"]
     return "\n".join(report)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.authors_tables",
+        description="Rebuild every table of a folder laid out like the HL authors' logs/ (sub-folders whose "
+                    "README.md table cells link to log files) from the logs, with Δ, mean Δ and a check column.")
+    parser.add_argument("logs", type=Path, help="the logs folder")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the CSV and Markdown tables")
+    args = parser.parse_args(argv)
+    try:
+        print(write_paper_tables(args.logs, args.out))
+    except ConfigError as err:
+        print(f"analysis.authors_tables: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""analysis.paper_tables / `python -m analysis.tables`: README tables we do not ship, rebuilt from their logs."""
+"""analysis.authors_tables / `python -m analysis.authors_tables`: README tables we do not ship, rebuilt from their logs."""
 import random
 import subprocess
 import sys
@@ -7,9 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.paper_tables import (build_paper_tables, class_delta, cost_pairs, cost_summary, label_role,
-                                   metric_rule, parse_cell, read_readme_tables)
-from analysis.tables import main
+from analysis.authors_tables import (build_paper_tables, class_delta, cost_pairs, cost_summary, label_role, main,
+                                     metric_rule, parse_cell, read_readme_tables)
 from log_fixtures import mean_percent, write_mmseg_log, write_readme
 
 from hlbench.errors import ConfigError
@@ -185,7 +184,7 @@ def test_readme_with_two_tables_and_bad_row(tmp_path):
 def test_cli_writes_csv_and_markdown(logs_tree, tmp_path):
     root, expect = logs_tree
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "analysis.tables", str(root), "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "analysis.authors_tables", str(root), "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "rivers_and_roads: 3 row(s)" in proc.stdout and "CHECK: 1 cell(s) disagree" in proc.stdout
@@ -215,7 +214,7 @@ def test_a_log_no_readme_links_is_named_with_its_value_not_skipped_silently(logs
 def test_cli_bad_folder_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"analysis.tables: {tmp_path / 'nope'}: logs folder not found"
+    assert err == f"analysis.authors_tables: {tmp_path / 'nope'}: logs folder not found"
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no sub-folder with a README.md" in capsys.readouterr().err
