@@ -12,6 +12,7 @@ from hlbench.data.cityscapes import CLASSES, ID_TO_TRAIN_ID
 from hlbench.data.mock import LABEL_ID_LUT
 from hlbench.data.synthetic import CLASSES as SYNTHETIC_CLASSES
 from hlbench.data.prepare import check_dataset, prepare_labels
+from hlbench.data.protocol import ITEM_KEYS, SegmentationData
 
 H, W = 32, 64
 # Cityscapes ids covering mapped classes and ignored ids (0 unlabeled, 9 parking, 34 is outside the table).
@@ -194,6 +195,19 @@ def test_data_configs_build_datasets(hydra_ctx, tmp_path, config, name):
     assert list(train["img"].shape) == [3] + crop and list(train["label"].shape) == crop
     assert all(v <= c for v, c in zip(train["img_hw"].tolist(), crop)) and val["label"].shape == (H, W)
     assert len(sets["train"].classes) == cfg.data.num_classes
+    for split in ("train", "val"):  # the contract the loop, evaluator and tracker rely on
+        assert isinstance(sets[split], SegmentationData) and sets[split].hard_bits == {}
+        assert len(sets[split].palette) == len(sets[split].classes)
+        assert set(ITEM_KEYS) <= set(sets[split][0])
+
+
+def test_synthetic_data_meets_the_data_set_contract_with_its_hardness_bits(hydra_ctx):
+    cfg = compose("config", overrides=["data=synthetic", "data.train.num_images=2", "data.val.num_images=2",
+                                       "data.pregenerate=false"])
+    sets = build_datasets(cfg.data, seed=0)
+    for split in ("train", "val"):
+        assert isinstance(sets[split], SegmentationData) and set(ITEM_KEYS) <= set(sets[split][0])
+        assert sets[split].hard_bits and len(sets[split].palette) == len(sets[split].classes)
 
 
 def test_bench_runs_on_fixture(tmp_path, capsys):

@@ -136,7 +136,8 @@ def write_png_atomic(path: Path, array: np.ndarray) -> None:
 
 
 class LabelledFiles(Dataset):
-    """(image, label) file pairs; items are the contract's dicts produced by `transform(sample, rng)`.
+    """(image, label) file pairs; items are the contract's dicts (data.protocol) produced by
+    `transform(sample, rng)`. Files carry no ground-truth hardness (hard_bits {}).
 
     Every item's label is checked: a trainIds label (lut None) may hold only 0..C-1 and 255, a raw label only
     0..raw_max and 255 before its lut; a bad file raises BadSampleError (see bad_samples.py for what happens then).
@@ -155,6 +156,7 @@ class LabelledFiles(Dataset):
             raise ConfigError("no (image, label) pairs found")
         self.pairs, self.read_raw, self.aug_seed, self.raw_max = list(pairs), read_raw, int(aug_seed), raw_max
         self.classes, self.palette = list(classes), [tuple(c) for c in palette]
+        self.hard_bits: dict[str, int] = {}
         self.transform = transform if transform is not None else Compose([ToTensor()])
         self.bad_samples = bad_samples if bad_samples is not None else BadSampleLog()
         self.bad_samples.size = len(self.pairs)

@@ -56,7 +56,7 @@ def hardness_kinds(dataset) -> dict:
     """{kind: bit} of the data set's ground-truth hardness mask (synthetic data); {} where it has none."""
     while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    return dict(getattr(dataset, "hard_bits", None) or {})
+    return dict(dataset.hard_bits)
 
 
 def evaluate(model, dataset, *args, **kwargs) -> dict:

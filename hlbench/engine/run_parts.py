@@ -76,7 +76,7 @@ def build_run(cfg, info: DistInfo) -> RunParts:
     method.setup(model, plan)
     optimizer = build_optimizer(method.param_groups(model), cfg.optim)
     return RunParts(datasets=datasets, split=split_record(cfg.data), classes=classes,
-                    palette=getattr(datasets["train"], "palette", None), model=model, method=method, streams=streams,
+                    palette=datasets["train"].palette, model=model, method=method, streams=streams,
                     plan=plan, optimizer=optimizer)
 
 
