@@ -105,3 +105,22 @@ def sigterm_during_step(monkeypatch, step: int):
         return lr_at(it, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "lr_at", signalling)
+
+
+def launch_gloo(worker, nprocs: int, args: tuple, preload: list[str]) -> None:
+    """worker(rank, *args) in `nprocs` processes, each with one OpenMP thread (more processes than cores crawl
+    oversubscribed). A fork server imports `preload` (installed modules only: Python 3.11's fork server does not get
+    the parent's sys.path) once for all ranks and forks them from a clean single-threaded process; spawn would
+    import torch and hlbench once per rank, ~6 s each on 2 cores."""
+    import torch.multiprocessing as mp
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        mp.get_context("forkserver").set_forkserver_preload(["torch.distributed", "hydra", *preload])
+        mp.start_processes(worker, args=args, nprocs=nprocs, join=True, start_method="forkserver")
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads

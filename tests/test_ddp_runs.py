@@ -10,7 +10,6 @@ import signal
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -18,7 +17,7 @@ from omegaconf import OmegaConf
 from hlbench.engine.distributed import all_reduce_mean
 from hlbench.errors import RunStopped
 from hlbench.methods.u2pl import U2PL, resolve_flags
-from tests.conftest import compose_run, free_port, gloo_group
+from tests.conftest import compose_run, free_port, gloo_group, launch_gloo
 
 WORLD = 2
 # A tiny U2PL run with its contrastive loss, 2 reference GPUs of 2 + 2 images: one per process.
@@ -94,17 +93,7 @@ def _worker(rank, port, out_dir, results_file):
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp_runs")
-    threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # 2 processes on 2 cores
-    try:
-        mp.get_context("forkserver").set_forkserver_preload(["torch.distributed", "hydra", "hlbench.methods.u2pl"])
-        mp.start_processes(_worker, args=(free_port(), str(out), str(out / "results.pt")), nprocs=WORLD, join=True,
-                           start_method="forkserver")
-    finally:
-        if threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = threads
+    launch_gloo(_worker, WORLD, (free_port(), str(out), str(out / "results.pt")), ["hlbench.methods.u2pl"])
     return out, torch.load(out / "results.pt", weights_only=False)
 
 

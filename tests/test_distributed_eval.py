@@ -1,8 +1,5 @@
 """Distributed evaluation: 2 gloo processes, each scoring its uneven shard of the val set (3 + 2 images), give exactly
 the single-process confusion matrix, metrics and HL-map AUROC."""
-import multiprocessing as mp
-import os
-
 import pytest
 import torch
 
@@ -12,7 +9,7 @@ from omegaconf import OmegaConf
 from hlbench.data import build_datasets
 from hlbench.engine.evaluator import evaluate
 from hlbench.models import build_model
-from tests.conftest import free_port, gloo_group
+from tests.conftest import free_port, gloo_group, launch_gloo
 
 WORLD = 2
 VAL_IMAGES = 5  # rank 0 scores images 0, 2, 4 and rank 1 images 1, 3
@@ -49,17 +46,7 @@ def test_two_gloo_processes_with_an_uneven_split_give_the_single_process_result(
     assert plain["data"]["val"]["num_images"] % WORLD  # the split is uneven
     single = _evaluate(plain)
     out_file = tmp_path / "rank0.pt"
-    threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        mp.get_context("forkserver").set_forkserver_preload(["torch.distributed", "hydra", evaluate.__module__])
-        torch.multiprocessing.start_processes(_worker, args=(free_port(), plain, str(out_file)), nprocs=WORLD,
-                                              join=True, start_method="forkserver")
-    finally:
-        if threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = threads
+    launch_gloo(_worker, WORLD, (free_port(), plain, str(out_file)), [evaluate.__module__])
     shared = torch.load(out_file)
     assert single["confusion"].sum() > 0 and torch.equal(shared["confusion"], single["confusion"])
     assert shared["metrics"] == pytest.approx(single["metrics"], rel=0, abs=0, nan_ok=True)

@@ -4,11 +4,9 @@ The reference computes the HL normaliser and mmseg's OHEM k-th probability over 
 averages the 4 GPUs' gradients; LabelledLoss emulates that by grouping a device batch into reference GPU batches.
 Here 4 gloo processes are the reference and one process with 8 images must give the same gradients and logs.
 """
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
@@ -18,7 +16,7 @@ from omegaconf import OmegaConf
 from hlbench.engine.distributed import all_reduce_mean
 from hlbench.losses import ohem_keep_mask
 from hlbench.methods.labelled_loss import LabelledLoss, reference_group
-from tests.conftest import free_port, gloo_group
+from tests.conftest import free_port, gloo_group, launch_gloo
 
 GPUS, PER_GPU = 4, 2
 CLASSES, SIZE = 5, 32
@@ -135,20 +133,7 @@ def reference_run(tmp_path_factory):
     """The 4 x 2 DDP reference for every case, from one launch of 4 processes (their start dominates the cost)."""
     out_file = tmp_path_factory.mktemp("ddp") / "rank0.pt"
     cases = {name: _plain(REFERENCE + over) for name, over in CASES.items()}
-    threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # 4 processes on 2 cores: oversubscribed OpenMP crawls
-    try:
-        # A fork server imports torch and hlbench once for the 4 ranks (spawn would import them 4 times, ~6 s
-        # each on 2 cores) and forks them from a clean single-threaded process, which plain fork would not be.
-        # Only installed modules: Python 3.11's fork server does not get the parent's sys.path (tests/).
-        mp.get_context("forkserver").set_forkserver_preload(["torch.distributed", "hydra", LabelledLoss.__module__])
-        mp.start_processes(_ddp_worker, args=(free_port(), cases, str(out_file)), nprocs=GPUS, join=True,
-                           start_method="forkserver")
-    finally:
-        if threads is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = threads
+    launch_gloo(_ddp_worker, GPUS, (free_port(), cases, str(out_file)), [LabelledLoss.__module__])
     return torch.load(out_file)
 
 
