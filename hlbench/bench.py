@@ -403,7 +403,10 @@ def measure_components(group: Group, ctx) -> list[dict]:
 
 
 class _RandomImages(torch.utils.data.Dataset):
-    """Val items of a given image size (labels at the original size, as a test-time resize leaves them)."""
+    """Val items of a given image size (labels at the original size, as a test-time resize leaves them), with no
+    hardness mask."""
+
+    hard_bits: dict[str, int] = {}
 
     def __init__(self, n, img_hw, label_hw):
         self.n, self.img_hw, self.label_hw = n, img_hw, label_hw

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from hlbench.errors import ConfigError
+from hlbench.errors import BadFileError, ConfigError
 from hlbench.models import build_model, load_pretrained
 from hlbench.models.resnet import ResNetV1c, TorchvisionResNet
 
@@ -144,10 +144,10 @@ def test_load_pretrained_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_pretrained(ResNetV1c(18, width_mult=0.25), missing)
     wide_stem = ResNetV1c(18, stem_channels=(64, 64, 128), width_mult=0.25).state_dict()
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(BadFileError, match="shape"):
         load_pretrained(ResNetV1c(18, width_mult=0.25), _save(wide_stem, tmp_path / "wide.pth"))
     torchvision_keys = TorchvisionResNet(18).state_dict()
-    with pytest.raises(ValueError, match="match"):
+    with pytest.raises(BadFileError, match="match"):
         load_pretrained(ResNetV1c(18, width_mult=0.25), _save(torchvision_keys, tmp_path / "tv.pth"))
 
 

@@ -10,7 +10,7 @@ from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-import hlbench.engine.trainer
+import hlbench.engine.run_parts
 import hlbench.models
 from hlbench.data.synthetic import CLASSES
 from hlbench.errors import ConfigError
@@ -48,7 +48,7 @@ def _raise_internal(*args, **kwargs):
 
 
 def test_an_internal_value_error_in_a_run_keeps_its_traceback(cli, monkeypatch):
-    monkeypatch.setattr(hlbench.engine.trainer, "build_model", _raise_internal)
+    monkeypatch.setattr(hlbench.engine.run_parts, "build_model", _raise_internal)
     status, err = cli("hlbench.run", [*TINY, "experiment=smoke/hl"])
     assert status not in (0, 2)
     assert "Traceback" in err and "ValueError: an internal fault deep in the code" in err
@@ -58,7 +58,7 @@ def test_an_internal_value_error_in_a_run_keeps_its_traceback(cli, monkeypatch):
 def test_a_ctrl_c_outside_the_training_steps_is_one_line_with_status_130(cli, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(hlbench.engine.trainer, "build_model", interrupted)  # while the run is being built
+    monkeypatch.setattr(hlbench.engine.run_parts, "build_model", interrupted)  # while the run is being built
     status, err = cli("hlbench.run", [*TINY, "experiment=smoke/hl"])
     assert status == 130 and "Traceback" not in err
     assert [ln for ln in err.splitlines() if ln.startswith("stopped:")] == [

@@ -16,10 +16,10 @@ class Images(torch.utils.data.Dataset):
     """Eight random labelled images; `hard_bits` (a hardness mask's kinds) only when `with_mask`."""
 
     classes = ["a", "b", "c"]
+    palette = [(0, 0, 0), (128, 0, 0), (0, 128, 0)]
 
     def __init__(self, with_mask: bool):
-        if with_mask:
-            self.hard_bits = {"thin": 1}
+        self.hard_bits = {"thin": 1} if with_mask else {}
         g = torch.Generator().manual_seed(0)
         self.items = [{"img": torch.rand(3, 32, 32, generator=g), "label": torch.randint(0, 3, (32, 32), generator=g),
                        "hard": torch.randint(0, 2, (32, 32), generator=g, dtype=torch.uint8), "index": i}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hlbench.errors import RunStopped
+from hlbench.errors import BadFileError, RunStopped
 from hlbench.run import run, run_experiment
 from hlbench.suites import load_suite
 from tests.conftest import REPO, TINY, compose_run, sigterm_during_step
@@ -84,7 +84,7 @@ def test_init_from_loads_weights_only(hydra_ctx, tmp_path, caplog):
     state = torch.load(ckpt, weights_only=False)["model"]
     stranger = tmp_path / "stranger.pth"
     torch.save({f"other.{k}": v for k, v in state.items() if k.startswith("backbone.")}, stranger)
-    with pytest.raises(ValueError, match="tensors of .* match"):
+    with pytest.raises(BadFileError, match="tensors of .* match"):
         run_experiment(compose_run(over + [f"init_from={stranger}"], tmp_path / "d")[0], "smoke/hl", None, None)
 
 

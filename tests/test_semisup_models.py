@@ -10,7 +10,7 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 
 import hlbench.models
-from hlbench.errors import ConfigError
+from hlbench.errors import BadFileError, ConfigError
 from hlbench.models import build_model, load_checkpoint, load_pretrained
 from hlbench.models.checkpoints import map_checkpoint_keys
 from hlbench.models.heads import FP_DROPOUT, ASPPPlusHead, resize
@@ -353,7 +353,7 @@ def test_unimatch_checkpoint(tmp_path, release):
     report = load_checkpoint(target, tmp_path / "best.pth")
     assert not report["missing"] and not report["unexpected"]
     _assert_same(target, source)
-    with pytest.raises(ValueError, match="no teacher"):
+    with pytest.raises(BadFileError, match="no teacher"):
         load_checkpoint(target, tmp_path / "best.pth", which="teacher")
 
 
