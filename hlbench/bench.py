@@ -12,12 +12,13 @@ Reported are medians. FLOPs come from PyTorch's flop counter (hlbench.flops: con
 backward), run once per model on a copy: on the `meta` device for a GPU run (no GPU time or memory), on the CPU
 itself for a CPU run (meta's Python kernels are slower than the CPU's). The floor is FLOPs / the datasheet peak of
 the setting's precision.
+Every model is timed with the data config BENCH_DATA (Cityscapes 769: its 19 classes and normalisation) unless
+--overrides names another (--tiny: the smoke profile's synthetic scenes).
 Results go to <out>/bench.json and <out>/bench.md, rewritten after every group, so a killed run keeps its rows.
 """
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import tempfile
@@ -42,7 +43,8 @@ from .memory import GiB, PeakMemory, estimate_train_memory
 from .methods import build_method
 from .models import build_model
 
-NUM_CLASSES = 19  # Cityscapes
+# The data config every model is timed with: its classes and normalisation (a --overrides data=... replaces it).
+BENCH_DATA = "cityscapes_769"
 # --tiny: the smoke profile's quarter-width ResNet-18 in place of each model, at toy sizes.
 TINY = {"size": 64, "batch": 2, "warmup": 1, "steps": 1, "eval_hw": (96, 160), "eval_crop": 64, "eval_stride": 48,
         "loader_hw": (128, 256)}
@@ -89,12 +91,20 @@ class Setup:
         return "bf16" if self.precision == "bf16" else "fp32"
 
 
-@functools.cache
-def _compose(model_name: str, hl: bool, overrides: tuple = ()):
-    """The run config of a model (composed once per arguments: groups share it)."""
-    # Random weights time the same as ImageNet ones, so no weights file is needed.
-    return compose([f"model={model_name}", "model.backbone.pretrained=none", f"hl.enabled={hl}", "logger=none",
-                    *overrides])
+def _data_choice(overrides) -> list[str]:
+    return [] if any(o.startswith("data=") for o in overrides) else [f"data={BENCH_DATA}"]
+
+
+def bench_config(model_name: str, hl: bool, overrides=()):
+    """The run config a model is timed with: BENCH_DATA unless the overrides name a data config, random weights
+    (they time the same as ImageNet ones, so no weights file is needed)."""
+    return compose([f"model={model_name}", *_data_choice(overrides), "model.backbone.pretrained=none",
+                    f"hl.enabled={hl}", "logger=none", *overrides])
+
+
+def bench_data(overrides=()):
+    """The data config of the bench (its classes and normalisation), for what is timed without a model config."""
+    return compose([*_data_choice(overrides), *overrides]).data
 
 
 def _sync(device: torch.device) -> None:
@@ -102,10 +112,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _build(cfg, batch: int, device: torch.device):
-    """(model in train mode, set-up method) of a composed config, built on `device` (meta: shapes only)."""
+def build_bench_model(cfg, batch: int, device: torch.device):
+    """(model in train mode, set-up method) of a bench config, built on `device` (meta: shapes only)."""
     with torch.device(device):
-        model = build_model(cfg.model, num_classes=NUM_CLASSES, hl=cfg.hl).train()
+        model = build_model(cfg.model, num_classes=int(cfg.data.num_classes), hl=cfg.hl).train()
     method = build_method(cfg)
     method.setup(model, plan_batches({"labeled": (batch, "--batch")}, 1, batch))
     return model, method
@@ -116,15 +126,11 @@ def _counting_device(device: torch.device) -> torch.device:
     return torch.device("meta") if device.type == "cuda" else torch.device("cpu")
 
 
-def _random_batch(batch: int, size: int, device: torch.device, channels_last: bool) -> dict:
+def _random_batch(batch: int, size: int, device: torch.device, channels_last: bool, num_classes: int) -> dict:
     g = torch.Generator().manual_seed(0)
     img = torch.randn(batch, 3, size, size, generator=g).to(device)
-    label = torch.randint(0, NUM_CLASSES, (batch, size, size), generator=g).to(device)
+    label = torch.randint(0, num_classes, (batch, size, size), generator=g).to(device)
     return {"img": img.contiguous(memory_format=torch.channels_last) if channels_last else img, "label": label}
-
-
-_FLOPS: dict[tuple, int] = {}
-_MEMORY: dict[tuple, float] = {}
 
 
 def _timed_step(step, loss_fn) -> float:
@@ -147,26 +153,28 @@ class TrainStep:
     calling it runs and times one step (seconds). `flops` is the step's count, from the same code on a copy."""
 
     def __init__(self, model_name: str, hl: bool, size: int, batch: int, device: torch.device,
-                 setup: Setup = Setup(), hl_head_channels: int | None = None, overrides=()):
-        # What the FLOP count and the memory estimate depend on; groups measuring the same model share them.
+                 setup: Setup = Setup(), hl_head_channels: int | None = None, overrides=(), counts: dict | None = None):
+        """counts: FLOP counts and memory estimates already made (a Context's), by what they depend on, so that groups
+        measuring the same model share them; None: this step's own."""
         self.key = (model_name, hl, hl_head_channels, tuple(overrides), size, batch)
+        self.counts = {} if counts is None else counts
         channels = "null" if hl_head_channels is None else hl_head_channels
-        self.cfg = _compose(model_name, hl, (*overrides, f"hl.head_channels={channels}",
-                                             f"train.precision={setup.autocast_precision}"))
+        self.cfg = bench_config(model_name, hl, (*overrides, f"hl.head_channels={channels}",
+                                                 f"train.precision={setup.autocast_precision}"))
         self.device, self.setup, self.size, self.batch = device, setup, size, batch
-        self.model, self.method = _build(self.cfg, batch, device)
+        self.model, self.method = build_bench_model(self.cfg, batch, device)
         if setup.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.method.param_groups(self.model), self.cfg.optim)
         self.train_model = torch.compile(self.model) if setup.compile else self.model
-        self.data = _random_batch(batch, size, device, setup.channels_last)
-        if self.key not in _FLOPS:
-            _FLOPS[self.key] = self._count_flops()
-        self.flops = _FLOPS[self.key]
+        self.data = _random_batch(batch, size, device, setup.channels_last, int(self.cfg.data.num_classes))
+        if ("flops", self.key) not in self.counts:
+            self.counts["flops", self.key] = self._count_flops()
+        self.flops = self.counts["flops", self.key]
 
     def _count_flops(self) -> int:
         device = _counting_device(self.device)
-        model, method = _build(self.cfg, self.batch, device)
+        model, method = build_bench_model(self.cfg, self.batch, device)
         data = {k: v.to(device) for k, v in self.data.items()}
 
         def step():
@@ -175,10 +183,11 @@ class TrainStep:
         return count_flops(step)
 
     def memory_estimate_gib(self) -> float:
-        key = (*self.key, self.setup.autocast_precision)
-        if key not in _MEMORY:
-            _MEMORY[key] = estimate_train_memory(self.cfg, NUM_CLASSES, self.batch, (self.size, self.size)).total / GiB
-        return _MEMORY[key]
+        key = ("memory", *self.key, self.setup.autocast_precision)
+        if key not in self.counts:
+            self.counts[key] = estimate_train_memory(self.cfg, int(self.cfg.data.num_classes), self.batch,
+                                                     (self.size, self.size)).total / GiB
+        return self.counts[key]
 
     def __call__(self) -> float:
         return _timed_step(self, lambda: self.method.step(self.train_model, {"labeled": self.data}, 0)[0])
@@ -190,27 +199,28 @@ class PeerStep:
 
     name = "torchvision deeplabv3_resnet101"
 
-    def __init__(self, size: int, batch: int, device: torch.device, setup: Setup = Setup()):
-        self.device, self.setup = device, setup
+    def __init__(self, size: int, batch: int, device: torch.device, num_classes: int, setup: Setup = Setup(),
+                 counts: dict | None = None):
+        self.device, self.setup, self.num_classes = device, setup, num_classes
+        counts = {} if counts is None else counts
         self.model = self._build(device)
         if setup.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         self.train_model = torch.compile(self.model) if setup.compile else self.model
-        self.data = _random_batch(batch, size, device, setup.channels_last)
-        key = ("peer", size, batch)
-        if key not in _FLOPS:
+        self.data = _random_batch(batch, size, device, setup.channels_last, num_classes)
+        key = ("flops", "peer", size, batch, num_classes)
+        if key not in counts:
             counting = _counting_device(device)
             copy = self._build(counting)
             data = {k: v.to(counting) for k, v in self.data.items()}
-            _FLOPS[key] = count_flops(lambda: self._loss(copy, data).backward())
-        self.flops = _FLOPS[key]
+            counts[key] = count_flops(lambda: self._loss(copy, data).backward())
+        self.flops = counts[key]
 
-    @staticmethod
-    def _build(device):
+    def _build(self, device):
         from torchvision.models.segmentation import deeplabv3_resnet101
         with torch.device(device):
-            return deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
+            return deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=self.num_classes,
                                        aux_loss=True).train()
 
     @staticmethod
@@ -329,10 +339,11 @@ def measure_train(group: Group, ctx) -> list[dict]:
     steps, members = {}, {}
     for m in group.members:
         if m.model == "peer":
-            steps[m.name] = PeerStep(ctx.peer_size or ctx.size, ctx.batch, ctx.device, group.setup)
+            steps[m.name] = PeerStep(ctx.peer_size or ctx.size, ctx.batch, ctx.device,
+                                     int(bench_data(ctx.overrides).num_classes), group.setup, ctx.counts)
         else:
             steps[m.name] = TrainStep(m.model, m.hl, ctx.size, ctx.batch, ctx.device, group.setup, m.hl_head_channels,
-                                      ctx.overrides)
+                                      ctx.overrides, ctx.counts)
         members[m.name] = m
     timed = time_steps(steps, ctx.warmup, min(group.steps or ctx.steps, ctx.steps), ctx.device)
     rows = []
@@ -354,12 +365,13 @@ def measure_components(group: Group, ctx) -> list[dict]:
     """Forward + backward of each part of an HL model alone, as in training: backbone, decode and aux heads with
     their input gradient (it flows on to the backbone), the HL head on detached features (no input gradient)."""
     m = group.members[0]
-    step = TrainStep(m.model, True, ctx.size, ctx.batch, ctx.device, group.setup, m.hl_head_channels, ctx.overrides)
+    step = TrainStep(m.model, True, ctx.size, ctx.batch, ctx.device, group.setup, m.hl_head_channels, ctx.overrides,
+                     ctx.counts)
     model, img = step.model, step.data["img"]
     with torch.no_grad(), autocast(ctx.device, group.setup.autocast_precision):
         feats = model.backbone(img)
     counting = _counting_device(ctx.device)
-    copy, _ = _build(step.cfg, step.batch, counting)
+    copy, _ = build_bench_model(step.cfg, step.batch, counting)
 
     def part(name, with_input_grad):
         def run(model, img, feats):
@@ -408,8 +420,8 @@ class _RandomImages(torch.utils.data.Dataset):
 
     hard_bits: dict[str, int] = {}
 
-    def __init__(self, n, img_hw, label_hw):
-        self.n, self.img_hw, self.label_hw = n, img_hw, label_hw
+    def __init__(self, n, img_hw, label_hw, num_classes: int):
+        self.n, self.img_hw, self.label_hw, self.num_classes = n, img_hw, label_hw, num_classes
 
     def __len__(self):
         return self.n
@@ -417,7 +429,7 @@ class _RandomImages(torch.utils.data.Dataset):
     def __getitem__(self, i):
         g = torch.Generator().manual_seed(i)
         return {"img": torch.randint(0, 256, (3, *self.img_hw), generator=g, dtype=torch.uint8),
-                "label": torch.randint(0, NUM_CLASSES, self.label_hw, generator=g), "hard": torch.empty(0),
+                "label": torch.randint(0, self.num_classes, self.label_hw, generator=g), "hard": torch.empty(0),
                 "index": i}
 
 
@@ -427,24 +439,25 @@ def measure_eval(group: Group, ctx) -> list[dict]:
     from .models.segmentor import window_starts
 
     m = group.members[0]
-    cfg = _compose(m.model, True, tuple(ctx.overrides))
-    model = _build(cfg, 2, ctx.device)[0]
+    cfg = bench_config(m.model, True, ctx.overrides)
+    model = build_bench_model(cfg, 2, ctx.device)[0]
     h, w = ctx.eval_hw
     crop, stride = [ctx.eval_crop] * 2, [ctx.eval_stride] * 2
     eval_cfg = OmegaConf.create({"mode": "slide", "crop": crop, "stride": stride, "window_batch": 8,
                                  "batch_size": 1, "hl_auroc": False})
-    data_cfg = OmegaConf.create({"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]})
+    n_classes = int(cfg.data.num_classes)
     group.setup.apply(ctx.device)
-    classes = [str(c) for c in range(NUM_CLASSES)]
-    evaluate(model, _RandomImages(1, (h, w), (h - 1, w - 1)), eval_cfg, data_cfg, ctx.device, classes)  # warm-up
+    classes = [str(c) for c in range(n_classes)]
+    evaluate(model, _RandomImages(1, (h, w), (h - 1, w - 1), n_classes), eval_cfg, cfg.data, ctx.device,
+             classes)  # warm-up
     n = ctx.eval_images
     _sync(ctx.device)
     t0 = time.perf_counter()
-    evaluate(model, _RandomImages(n, (h, w), (h - 1, w - 1)), eval_cfg, data_cfg, ctx.device, classes)
+    evaluate(model, _RandomImages(n, (h, w), (h - 1, w - 1), n_classes), eval_cfg, cfg.data, ctx.device, classes)
     _sync(ctx.device)
     seconds = (time.perf_counter() - t0) / n
     counting = _counting_device(ctx.device)
-    copy = _build(cfg, 2, counting)[0].eval()
+    copy = build_bench_model(cfg, 2, counting)[0].eval()
     img = torch.zeros(1, 3, h, w, device=counting)
     flops = count_flops(lambda: copy.predict(img, "slide", crop, stride, 8))
     windows = len(window_starts(h, crop[0], stride[0])) * len(window_starts(w, crop[1], stride[1]))
@@ -455,9 +468,9 @@ def measure_eval(group: Group, ctx) -> list[dict]:
 
 
 def measure_loader(group: Group, ctx) -> list[dict]:
-    """`python -m hlbench.data bench` (decode + the Cityscapes 769 train pipeline, one core) on mock scenes, decoding
-    every time and through data.decoded_cache."""
-    from .data.__main__ import bench
+    """The loader benchmark (decode + the Cityscapes 769 train pipeline, one core) on mock scenes, decoding every time
+    and through data.decoded_cache."""
+    from .data.loader_bench import loader_rate
     from .data.mock import write_mock
     from .data.prepare import prepare_labels
 
@@ -465,8 +478,9 @@ def measure_loader(group: Group, ctx) -> list[dict]:
         root = Path(tmp) / "cityscapes"
         write_mock("cityscapes", root, ctx.loader_images, ctx.loader_hw)
         prepare_labels("cityscapes", root)
-        rates = {"": bench("cityscapes", root, ctx.loader_items),
-                 ", decoded cache": bench("cityscapes", root, ctx.loader_items, decoded_cache=Path(tmp) / "decoded")}
+        rates = {"": loader_rate("cityscapes", root, ctx.loader_items),
+                 ", decoded cache": loader_rate("cityscapes", root, ctx.loader_items,
+                                                decoded_cache=Path(tmp) / "decoded")}
     size = "x".join(map(str, ctx.loader_hw)) if ctx.loader_hw else "1024x2048"
     return [{"kind": "loader", "name": f"cityscapes_769 pipeline, mock {size} PNGs{via}", "items_per_s_per_core": rate,
              "ms_per_item": 1000 / rate, "items": ctx.loader_items} for via, rate in rates.items()]
@@ -587,6 +601,7 @@ class Context:
     loader_items: int = 16
     tiny: bool = False
     peer_size: int | None = None  # None: the models' crop
+    counts: dict = field(default_factory=dict)  # FLOP counts and memory estimates, shared by the groups
 
 
 def run_plan(groups: list[Group], ctx: Context, out: Path, budget_s: float | None, command: str) -> dict:

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from hlbench.bench import _build, _compose
+from hlbench.bench import bench_config, build_bench_model
 from hlbench.flops import count_flops, device_peak, forward_flops_by_module
 
 
@@ -47,8 +47,8 @@ def test_counter_reproduces_torchvision_metadata():
 
 
 def _train_flops(model_name, hl, channels=None, size=769):
-    cfg = _compose(model_name, hl, (f"hl.head_channels={'null' if channels is None else channels}",))
-    model, method = _build(cfg, 2, torch.device("meta"))
+    cfg = bench_config(model_name, hl, (f"hl.head_channels={'null' if channels is None else channels}",))
+    model, method = build_bench_model(cfg, 2, torch.device("meta"))
     batch = {"img": torch.empty(2, 3, size, size, device="meta"),
              "label": torch.zeros(2, size, size, dtype=torch.long, device="meta")}
 

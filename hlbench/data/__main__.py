@@ -4,44 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from hlbench.data import ADE20K, GTA5, Cityscapes
-from hlbench.data.decoded_cache import DecodedCache
+from hlbench.data.loader_bench import BENCH, loader_rate
 from hlbench.data.mock import DEFAULT_SIZES, write_mock
 from hlbench.data.prepare import check_dataset, prepare_labels
-from hlbench.data.transforms import build_train_pipeline, worker_init_fn
 from hlbench.engine.cores import usable_cores
 from hlbench.errors import ConfigError
-
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
-# Data set name -> (train set from a root and a transform, data config whose train_pipeline `bench` uses).
-BENCH = {"cityscapes": (lambda root, t: Cityscapes(root, "train", t), "cityscapes_769"),
-         "gta5": (lambda root, t: GTA5(root, t), "gta5_to_cityscapes"),
-         "ade20k": (lambda root, t: ADE20K(root, "train", t), "ade20k_512")}
-
-
-def bench(name: str, root, n: int, config: str | None = None, decoded_cache=None) -> float:
-    """Decoded + augmented train items per second in this process, one thread (a DataLoader worker's setup).
-
-    With `decoded_cache` (a folder) every file is decoded into it first, untimed: the rate is the steady state of
-    every epoch after the first."""
-    make, default = BENCH[name]
-    data_cfg = OmegaConf.load(CONF / f"{config or default}.yaml")
-    worker_init_fn(0)
-    dataset = make(root, build_train_pipeline(data_cfg.train_pipeline))
-    if decoded_cache:
-        dataset.decoded = DecodedCache(decoded_cache)
-        for i in range(len(dataset)):
-            dataset[i]
-    dataset[0]  # warm-up: first-call allocations and imports
-    start = time.perf_counter()
-    for i in range(n):
-        dataset[(i + 1) % len(dataset)]
-    return n / (time.perf_counter() - start)
 
 
 def main(argv=None) -> int:
@@ -95,7 +64,7 @@ def _run(args) -> int:
         images = write_mock(args.dataset, args.root, args.n, args.size)
         print(f"{args.dataset}: wrote {len(images)} synthetic image/label pairs under {args.root}")
         return 0
-    rate = bench(args.dataset, args.root, args.n, args.config, args.decoded_cache)
+    rate = loader_rate(args.dataset, args.root, args.n, args.config, args.decoded_cache)
     via = " through the decoded cache" if args.decoded_cache else ""
     print(f"{args.dataset}: {rate:.2f} train items/s per core{via} ({1000 / rate:.1f} ms/item, n={args.n})")
     return 0
