@@ -70,8 +70,8 @@ def _head(type, **options):
                      norm_cfg=dict(type="BN"), align_corners=False), **options)
 
 
-def _aux():
-    return dict(type="FCNHead", in_channels=1024, in_index=2, channels=256, num_convs=1, concat_input=False,
+def _aux(in_channels=1024):
+    return dict(type="FCNHead", in_channels=in_channels, in_index=2, channels=256, num_convs=1, concat_input=False,
                 dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"), align_corners=False)
 
 
@@ -110,7 +110,37 @@ MMSEG_MODELS = {
     "psanet_r101": dict(backbone=_resnet(101), decode_head=_head(
         "PSAHead", channels=512, mask_size=(97, 97), psa_type="bi-direction", compact=False, shrink_factor=2,
         normalization_factor=1.0, psa_softmax=True)),
+    # The Cityscapes backbone table (breadth.md §1): UPerHead (as upernet_r50) on ResNeXt-101 64x4d d8 and on
+    # ResNeSt-101 d32 (mmseg's resnest configs: stem_channels 128, radix 2, reduction_factor 4, avg_down_stride).
+    "upernet_resnext101": dict(
+        backbone=dict(type="ResNeXt", depth=101, groups=64, base_width=4, num_stages=4, out_indices=(0, 1, 2, 3),
+                      dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), norm_cfg=dict(type="BN"), norm_eval=False,
+                      style="pytorch", contract_dilation=True),
+        decode_head=_head("UPerHead", in_channels=[256, 512, 1024, 2048], in_index=[0, 1, 2, 3], channels=512,
+                          pool_scales=(1, 2, 3, 6))),
+    "upernet_resnest101": dict(
+        backbone=dict(type="ResNeSt", depth=101, stem_channels=128, radix=2, reduction_factor=4,
+                      avg_down_stride=True, num_stages=4, out_indices=(0, 1, 2, 3), dilations=(1, 1, 1, 1),
+                      strides=(1, 2, 2, 2), norm_cfg=dict(type="BN"), norm_eval=False, style="pytorch",
+                      contract_dilation=True),
+        decode_head=_head("UPerHead", in_channels=[256, 512, 1024, 2048], in_index=[0, 1, 2, 3], channels=512,
+                          pool_scales=(1, 2, 3, 6))),
+    # The Cityscapes backbone table (breadth.md §1): mmseg mobilenet-v2-d8_pspnet, plain BN as the authors' config.
+    "pspnet_mobilenetv2": dict(
+        backbone=dict(type="MobileNetV2", widen_factor=1.0, strides=(1, 2, 2, 1, 1, 1, 1),
+                      dilations=(1, 1, 1, 2, 2, 4, 4), out_indices=(1, 2, 4, 6), norm_cfg=dict(type="BN")),
+        decode_head=_head("PSPHead", in_channels=320, channels=512, pool_scales=(1, 2, 3, 6)),
+        auxiliary_head=_aux(96)),
+    # mmseg mobilenet-v3-d8_lraspp: BN eps 1e-3 throughout, no auxiliary head.
+    "lraspp_mobilenetv3": dict(
+        backbone=dict(type="MobileNetV3", arch="large", out_indices=(1, 3, 16), norm_cfg=dict(type="BN", eps=1e-3)),
+        decode_head=_head("LRASPPHead", in_channels=(16, 24, 960), in_index=(0, 1, 2), channels=128,
+                          input_transform="multiple_select", norm_cfg=dict(type="BN", eps=1e-3),
+                          act_cfg=dict(type="ReLU")),
+        auxiliary_head=None),
 }
+# Models that need a larger input than --size: LR-ASPP's fixed 49×49 image pool needs a 1/8 map of 49×49 or more.
+MIN_SIZES = {"lraspp_mobilenetv3": 401}
 
 
 def build_mmseg(body):
@@ -119,7 +149,7 @@ def build_mmseg(body):
 
     register_all_modules()
     cfg = dict(type="EncoderDecoder", data_preprocessor=dict(type="SegDataPreProcessor"), pretrained=None,
-               auxiliary_head=_aux(), train_cfg=dict(), test_cfg=dict(mode="whole"), **body)
+               train_cfg=dict(), test_cfg=dict(mode="whole"), **{"auxiliary_head": _aux(), **body})
     model = MODELS.build(cfg)
     # PyTorch's default init instead of mmseg's (whose conv_seg std 0.01 would make every logit ~0), and
     # non-trivial BN affine parameters and statistics, so that a wrong layer shows in the logits.
@@ -156,7 +186,7 @@ def compare(name, size, tmp):
         ref = theirs.encode_decode(img, metas)
         out = ours.predict(img, mode="whole")
     diff = (ref - out).abs().max().item()
-    print(f"{name:20s} loaded {len(report['loaded'])} missing {len(report['missing'])} "
+    print(f"{name:20s} {size}² loaded {len(report['loaded'])} missing {len(report['missing'])} "
           f"unexpected {len(report['unexpected'])}  max|logit diff| {diff:.3e}  (logit scale {ref.abs().max():.2f})")
     return max(diff, compare_training(name, theirs, ours, size))
 
@@ -203,7 +233,7 @@ def main():
     args = parser.parse_args()
     _stub_mmcv_ops()
     with tempfile.TemporaryDirectory() as tmp:
-        diffs = {name: compare(name, args.size, tmp) for name in args.models}
+        diffs = {name: compare(name, max(args.size, MIN_SIZES.get(name, 0)), tmp) for name in args.models}
     sys.exit(0 if all(d < 1e-4 for d in diffs.values()) else 1)
 
 

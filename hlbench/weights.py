@@ -48,6 +48,16 @@ KNOWN_WEIGHTS = {
     "resnet50_v1c-2cccc1ad.pth": KnownFile("2cccc1ad", "mmcv open-mmlab://resnet50_v1c (ResNetV1c-50, ImageNet)"),
     "resnet101_v1c-e67eebb6.pth": KnownFile("e67eebb6",
                                             "mmcv open-mmlab://resnet101_v1c (ResNetV1c-101, ImageNet)"),
+    # mmseg's mmcls://mobilenet_v2: mmcls' own ImageNet training (71.9 % top-1), keys under `backbone.`.
+    "mobilenet_v2_batch256_imagenet_20200708-3b2dc3af.pth": KnownFile(
+        "3b2dc3af", "mmcls://mobilenet_v2 (MobileNetV2 x1.0, ImageNet)",
+        "https://download.openmmlab.com/mmclassification/v0/mobilenet_v2/"),
+    "mobilenet_v3_large-bc2c3fd3.pth": KnownFile("bc2c3fd3",
+                                                 "mmcv open-mmlab://contrib/mobilenet_v3_large (ImageNet)"),
+    # The official ResNeSt-101 with its stem keys renamed to mmseg's; the ResNeXt file's origin is undocumented.
+    "resnest101_d2-f3b931b2.pth": KnownFile("f3b931b2", "mmcv open-mmlab://resnest101 (ResNeSt-101, ImageNet)"),
+    "resnext101_64x4d-ee2c6f71.pth": KnownFile("ee2c6f71",
+                                               "mmcv open-mmlab://resnext101_64x4d (ResNeXt-101 64x4d, ImageNet)"),
     # The semi-supervised references' deep-stem ResNet-101 (U2PL's and UniMatch's READMEs link their own Google
     # Drive uploads, not known to differ; UniMatch's: https://drive.google.com/file/d/13jNMOEYkqBC3CimlSSw-sWRHVZEeROmK)
     "resnet101.pth": KnownFile("", "U2PL / UniMatch ImageNet ResNet-101 (deep stem), no checksum published",

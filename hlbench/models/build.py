@@ -9,15 +9,20 @@ from hlbench.errors import ConfigError
 from hlbench.models.attention_heads import ANNHead, CCHead, EMAHead, GCHead, ISAHead, NLHead, PSAHead
 from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, ConvBNReLU, DepthwiseSeparableASPPHead,
                                   FCNHead, OCRHead, ProjectedHead, PSPHead, UPerHead)
+from hlbench.models.lraspp_head import LRASPPHead
+from hlbench.models.mobilenet import MobileNetV2, MobileNetV3
 from hlbench.models.pretrained import load_pretrained
-from hlbench.models.resnet import ResNetV1c, ResNetV1s, TorchvisionResNet
+from hlbench.models.resnest import ResNeSt
+from hlbench.models.resnet import ResNetV1c, ResNetV1s, ResNeXt, TorchvisionResNet
 from hlbench.models.segmentor import CascadeSegmentor, Segmentor
 from hlbench.weights import resolve_pretrained
 
-BACKBONES = {"resnet_v1c": ResNetV1c, "resnet_v1s": ResNetV1s, "torchvision_resnet": TorchvisionResNet}
+BACKBONES = {"resnet_v1c": ResNetV1c, "resnet_v1s": ResNetV1s, "torchvision_resnet": TorchvisionResNet,
+             "resnext": ResNeXt, "resnest": ResNeSt,
+             "mobilenet_v2": MobileNetV2, "mobilenet_v3": MobileNetV3}
 HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead,
          "aspp_plus": ASPPPlusHead, "uper": UPerHead, "ocr": OCRHead, "ann": ANNHead, "cc": CCHead, "ema": EMAHead,
-         "gc": GCHead, "isa": ISAHead, "nl": NLHead, "psa": PSAHead}
+         "gc": GCHead, "isa": ISAHead, "nl": NLHead, "psa": PSAHead, "lraspp": LRASPPHead}
 # Heads with a low-level skip; build_model derives its input width from c1_in_index.
 C1_HEADS = (DepthwiseSeparableASPPHead, ASPPPlusHead)
 # Heads that refine a previous stage's logits; their config holds that stage under `stage0` (OCRNet: an FCN head).

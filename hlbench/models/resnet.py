@@ -1,5 +1,5 @@
 """ResNet backbones returning the four stage outputs: mmseg's deep-stem ResNetV1c, the ResNetV1s of U2PL and
-UniMatch, and a torchvision wrapper."""
+UniMatch, mmseg's ResNeXt, and a torchvision wrapper."""
 
 import torch.nn as nn
 import torchvision
@@ -32,8 +32,8 @@ def _stage_pattern(output_stride):
     return STAGE_PATTERNS[output_stride]
 
 
-def _conv3x3(cin, cout, stride=1, dilation=1):
-    return nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
+def _conv3x3(cin, cout, stride=1, dilation=1, groups=1):
+    return nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, groups=groups, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -56,18 +56,25 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + identity)
 
 
+def bottleneck_width(planes, groups=1, base_width=64):
+    """Width of a bottleneck's 3×3 conv: `planes` for ResNet, groups × base_width scaled by planes/64 for ResNeXt
+    (64x4d: 256 in layer1 ... 2048 in layer4), rounded down as mmseg and torchvision do."""
+    return planes if groups == 1 else planes * base_width // 64 * groups
+
+
 class Bottleneck(nn.Module):
-    """ResNet-50/101 block, "pytorch" style: the stride sits on the 3×3 conv."""
+    """ResNet-50/101 block, "pytorch" style: the stride sits on the 3×3 conv; with groups > 1 the ResNeXt block."""
 
     expansion = 4
 
-    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None):
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, groups=1, base_width=64):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride, dilation)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        width = bottleneck_width(planes, groups, base_width)
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride, dilation, groups)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
@@ -83,51 +90,37 @@ ARCHS = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
          50: (Bottleneck, (3, 4, 6, 3)), 101: (Bottleneck, (3, 4, 23, 3))}
 
 
-class ResNetV1c(nn.Module):
-    """mmseg ResNetV1c: deep stem of three 3×3 convs, then a 3×3 max-pool; state-dict keys match mmseg's.
+def scaled_width(channels, width_mult):
+    """A width scaled by width_mult (minimum 8), e.g. 0.25 for CPU smoke runs."""
+    return max(8, int(round(channels * width_mult)))
 
-    Args:
-        stem_channels: widths of the three stem convs; mmseg (32, 32, 64), U2PL/UniMatch (64, 64, 128).
-        multi_grid: per-block dilation multipliers of layer4 (see `stage_dilations`), or None.
-        width_mult: scales every width (minimum 8), e.g. 0.25 for CPU smoke runs.
-        maxpool_ceil_mode: the stem max-pool rounds up (U2PL); this changes the size after it for even inputs.
-        zero_init_residual: start the last BN of each block at 0 (mmseg, U2PL; UniMatch does not).
-    """
 
-    def __init__(self, depth=50, stem_channels=(32, 32, 64), output_stride=8, contract_dilation=True,
-                 multi_grid=None, width_mult=1.0, maxpool_ceil_mode=False, zero_init_residual=True):
-        super().__init__()
-        if depth not in ARCHS:
-            raise ConfigError(f"resnet_v1c depth must be one of {sorted(ARCHS)}, got {depth}")
-        if len(stem_channels) != 3:
-            raise ConfigError(f"stem_channels needs three widths, got {list(stem_channels)}")
-        block, num_blocks = ARCHS[depth]
+def deep_stem(s1, s2, s3):
+    """mmseg's deep stem (ResNetV1c / V1d): three 3×3 convs, the first with stride 2. Sequential indices 0/1, 3/4,
+    6/7 are mmseg's stem.{conv,bn} keys (ReLUs at 2, 5, 8)."""
+    return nn.Sequential(
+        nn.Conv2d(3, s1, 3, 2, 1, bias=False), nn.BatchNorm2d(s1), nn.ReLU(inplace=True),
+        _conv3x3(s1, s2), nn.BatchNorm2d(s2), nn.ReLU(inplace=True),
+        _conv3x3(s2, s3), nn.BatchNorm2d(s3), nn.ReLU(inplace=True))
+
+
+class StagedResNet(nn.Module):
+    """What the ResNet variants share: a stem (`_stem`), a 3×3 max-pool and the stages layer1..layer4, whose
+    outputs `forward` returns. It has no constructor, so build_model accepts exactly each variant's arguments."""
+
+    def _add_stages(self, block, num_blocks, inplanes, output_stride, contract_dilation, width_mult, multi_grid=None,
+                    **stage_options):
+        """Add layer1..layer4 (widths 64·2^i scaled, strides and dilations of output_stride) and set out_channels;
+        stage_options go to `make_stage`."""
         strides, dilations = _stage_pattern(output_stride)
-
-        def width(c):
-            return max(8, int(round(c * width_mult)))
-
-        s1, s2, s3 = (width(c) for c in stem_channels)
-        self._make_stem(s1, s2, s3)
-        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=maxpool_ceil_mode)
-        inplanes, self.out_channels = s3, []
+        self.out_channels = []
         for i in range(4):
             grid = multi_grid if i == 3 else None
             block_dilations = stage_dilations(num_blocks[i], dilations[i], contract_dilation, grid)
-            layer, inplanes = _make_stage(block, inplanes, width(64 * 2**i), strides[i], block_dilations)
+            layer, inplanes = make_stage(block, inplanes, scaled_width(64 * 2**i, width_mult), strides[i],
+                                         block_dilations, **stage_options)
             self.add_module(f"layer{i + 1}", layer)
             self.out_channels.append(inplanes)
-        self._init_weights(zero_init_residual)
-
-    def _make_stem(self, s1, s2, s3):
-        # Sequential indices 0/1, 3/4, 6/7 are mmseg's stem.{conv,bn} keys (ReLUs at 2, 5, 8).
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, s1, 3, 2, 1, bias=False), nn.BatchNorm2d(s1), nn.ReLU(inplace=True),
-            _conv3x3(s1, s2), nn.BatchNorm2d(s2), nn.ReLU(inplace=True),
-            _conv3x3(s2, s3), nn.BatchNorm2d(s3), nn.ReLU(inplace=True))
-
-    def _stem(self, x):
-        return self.stem(x)
 
     def _init_weights(self, zero_init_residual):
         # mmseg ResNet defaults: Kaiming convs, unit BN, and zero_init_residual (last BN of each block at 0).
@@ -146,6 +139,38 @@ class ResNetV1c(nn.Module):
             x = getattr(self, f"layer{i}")(x)
             outs.append(x)
         return tuple(outs)
+
+
+class ResNetV1c(StagedResNet):
+    """mmseg ResNetV1c: deep stem of three 3×3 convs, then a 3×3 max-pool; state-dict keys match mmseg's.
+
+    Args:
+        stem_channels: widths of the three stem convs; mmseg (32, 32, 64), U2PL/UniMatch (64, 64, 128).
+        multi_grid: per-block dilation multipliers of layer4 (see `stage_dilations`), or None.
+        width_mult: scales every width (minimum 8), e.g. 0.25 for CPU smoke runs.
+        maxpool_ceil_mode: the stem max-pool rounds up (U2PL); this changes the size after it for even inputs.
+        zero_init_residual: start the last BN of each block at 0 (mmseg, U2PL; UniMatch does not).
+    """
+
+    def __init__(self, depth=50, stem_channels=(32, 32, 64), output_stride=8, contract_dilation=True,
+                 multi_grid=None, width_mult=1.0, maxpool_ceil_mode=False, zero_init_residual=True):
+        super().__init__()
+        if depth not in ARCHS:
+            raise ConfigError(f"resnet_v1c depth must be one of {sorted(ARCHS)}, got {depth}")
+        if len(stem_channels) != 3:
+            raise ConfigError(f"stem_channels needs three widths, got {list(stem_channels)}")
+        block, num_blocks = ARCHS[depth]
+        s1, s2, s3 = (scaled_width(c, width_mult) for c in stem_channels)
+        self._make_stem(s1, s2, s3)
+        self.maxpool = nn.MaxPool2d(3, 2, 1, ceil_mode=maxpool_ceil_mode)
+        self._add_stages(block, num_blocks, s3, output_stride, contract_dilation, width_mult, multi_grid)
+        self._init_weights(zero_init_residual)
+
+    def _make_stem(self, s1, s2, s3):
+        self.stem = deep_stem(s1, s2, s3)
+
+    def _stem(self, x):
+        return self.stem(x)
 
 
 class ResNetV1s(ResNetV1c):
@@ -172,15 +197,50 @@ class ResNetV1s(ResNetV1c):
         return self.relu(self.bn1(self.conv1(x)))
 
 
-def _make_stage(block, inplanes, planes, stride, dilations):
-    """One residual stage; returns (stage, its output width)."""
+def make_stage(block, inplanes, planes, stride, dilations, avg_down=False, **block_options):
+    """One residual stage; returns (stage, its output width). block_options go to every block (ResNeXt's groups).
+
+    avg_down (ResNetV1d, ResNeSt) strides the shortcut with an average pool before a stride-1 1×1 conv. mmseg puts
+    the pool in every shortcut, an identity one at stride 1, so the conv and BN are always downsample.1 and .2.
+    """
     out = planes * block.expansion
     downsample = None
     if stride != 1 or inplanes != out:
-        downsample = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-    blocks = [block(inplanes, planes, stride, dilations[0], downsample)]
-    blocks += [block(out, planes, 1, d) for d in dilations[1:]]
+        project = [nn.Conv2d(inplanes, out, 1, 1 if avg_down else stride, bias=False), nn.BatchNorm2d(out)]
+        if avg_down:
+            project.insert(0, nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False))
+        downsample = nn.Sequential(*project)
+    blocks = [block(inplanes, planes, stride, dilations[0], downsample, **block_options)]
+    blocks += [block(out, planes, 1, d, **block_options) for d in dilations[1:]]
     return nn.Sequential(*blocks), out
+
+
+class ResNeXt(StagedResNet):
+    """mmseg ResNeXt: ResNet's 7×7 stem (conv1, bn1) and 3×3 max-pool, then bottlenecks whose 3×3 conv has
+    `groups` groups of `base_width` channels (at layer1's width; 64x4d: groups 64, base_width 4). Same keys as
+    mmseg's and torchvision's ResNeXt.
+
+    zero_init_residual is off as in mmseg, whose zero init tests `block is Bottleneck` and so skips ResNeXt's.
+    """
+
+    def __init__(self, depth=101, groups=64, base_width=4, output_stride=8, contract_dilation=True, width_mult=1.0):
+        super().__init__()
+        if depth not in (50, 101):
+            raise ConfigError(f"resnext depth must be 50 or 101, got {depth}")
+        stem = scaled_width(64, width_mult)
+        if bottleneck_width(stem, groups, base_width) < groups:  # layer1's planes equal the stem width
+            raise ConfigError(f"resnext: width_mult {width_mult} leaves layer1 less than one channel per group "
+                              f"(groups {groups}, base_width {base_width})")
+        self.conv1 = nn.Conv2d(3, stem, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self._add_stages(Bottleneck, ARCHS[depth][1], stem, output_stride, contract_dilation, width_mult,
+                         groups=groups, base_width=base_width)
+        self._init_weights(zero_init_residual=False)
+
+    def _stem(self, x):
+        return self.relu(self.bn1(self.conv1(x)))
 
 
 TORCHVISION_BUILDERS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
