@@ -161,7 +161,7 @@ def stratified_scores(run_dir) -> dict[str, float]:
     from hlbench.data import build_datasets
     from hlbench.engine.checkpoint import latest_checkpoint
     from hlbench.engine.evaluator import evaluate, hardness_kinds
-    from hlbench.models import build_model, load_checkpoint
+    from hlbench.models import trained_model
 
     run_dir = Path(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -172,9 +172,7 @@ def stratified_scores(run_dir) -> dict[str, float]:
     bits = hardness_kinds(val_set)
     if not bits:
         raise ConfigError(f"{run_dir}: data set {cfg.data.name!r} has no ground-truth hardness mask")
-    model_cfg = OmegaConf.merge(cfg.model, {"backbone": {"pretrained": "none"}})
-    model = build_model(model_cfg, num_classes=len(val_set.classes), hl=cfg.hl)  # the run's own HL head
-    load_checkpoint(model, ckpt, require_all=True)
+    model, _ = trained_model(cfg, ckpt, len(val_set.classes))  # the run's own HL head
     device = torch.device("cpu")
     eval_cfg = OmegaConf.merge(cfg.eval, {"hl_auroc": False})
     out = {}

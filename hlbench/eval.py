@@ -76,7 +76,7 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     from .data.files import check_mapped_labels
     from .engine.distributed import init_distributed
     from .engine.evaluator import evaluate, protocol_of
-    from .models import build_model, load_checkpoint
+    from .models import trained_model
     from .tracking import atomic_write_json, environment_record, write_config
 
     check_config(cfg)
@@ -89,11 +89,7 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     classes = list(val_set.classes)
     # The HL branch never runs at inference (method.md §7) but is built so the checkpoint's HL weights load and
     # its map can be scored against the data set's hardness mask.
-    # Every tensor comes from the checkpoint, so the ImageNet file the recipe names is not needed.
-    model_cfg = OmegaConf.merge(cfg.model, {"backbone": {"pretrained": "none"}})
-    model = build_model(model_cfg, num_classes=len(classes), hl=cfg.hl)
-    # A tensor left at its random init would be scored as if trained (the HL map's AUROC above all).
-    report = load_checkpoint(model, checkpoint, require_all=True)
+    model, report = trained_model(cfg, checkpoint, len(classes))
     model.to(info.device)
     result = evaluate(model, val_set, cfg.eval, cfg.data, info.device, classes, hl_offset=cfg.hl.offset)
     out = {"experiment": experiment, "checkpoint": str(checkpoint.resolve()), "protocol": protocol_of(cfg.eval),

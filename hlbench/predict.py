@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from .errors import ConfigError, MissingInputError
@@ -58,7 +57,7 @@ def predict(run, images: str, out, device: str = "auto") -> list[Path]:
     from .engine.distributed import init_distributed
     from .eval import saved_run
     from .hardness import hardness_map
-    from .models import build_model, load_checkpoint
+    from .models import trained_model
     from .models.heads import resize
     from .tracking.hl_maps import colorize_hl, colorize_labels
 
@@ -66,9 +65,7 @@ def predict(run, images: str, out, device: str = "auto") -> list[Path]:
     files = image_files(images)
     dev = init_distributed(device).device
     classes, palette = class_table(cfg.data.name)
-    model = build_model(OmegaConf.merge(cfg.model, {"backbone": {"pretrained": "none"}}), num_classes=len(classes),
-                        hl=cfg.hl)
-    load_checkpoint(model, checkpoint, require_all=True)
+    model, _ = trained_model(cfg, checkpoint, len(classes))
     model.to(dev).eval()
     pipeline = build_test_pipeline(cfg.data.get("test_pipeline"))
     # The centre crop is a validation shortcut; a whole image is what a user asks about.

@@ -11,7 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import hlbench.engine.run_parts
-import hlbench.models
+import hlbench.models.build
 from hlbench.data.synthetic import CLASSES
 from hlbench.errors import ConfigError
 from hlbench.models import build_model
@@ -66,7 +66,7 @@ def test_a_ctrl_c_outside_the_training_steps_is_one_line_with_status_130(cli, mo
 
 
 def test_an_internal_value_error_in_eval_keeps_its_traceback(cli, monkeypatch, tmp_path):
-    monkeypatch.setattr(hlbench.models, "build_model", _raise_internal)
+    monkeypatch.setattr(hlbench.models.build, "build_model", _raise_internal)
     status, err = cli("hlbench.eval", [*TINY, "experiment=smoke/hl", f"checkpoint={tmp_path / 'w.pth'}"])
     assert status not in (0, 2)
     assert "Traceback" in err and "ValueError: an internal fault deep in the code" in err

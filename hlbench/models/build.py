@@ -143,3 +143,13 @@ def build_model(model_cfg, num_classes, hl=None, *, weights_dir=None):
         hl_head = ProjectedHead(project, decode(1, {**hl_cfg, "channels": n}, narrow))
     segmentor = CascadeSegmentor if stage0_cfg else Segmentor
     return segmentor(backbone, decode_head, auxiliary_head, hl_head, align_corners, detach_hl_features)
+
+
+def trained_model(cfg, checkpoint, num_classes: int):
+    """(model, load report) of a trained run: built from the run config's own model and hl nodes (so a light HL head
+    comes back light) without the ImageNet file the recipe names, every tensor from `checkpoint`. A tensor left at
+    its random init would be scored as if trained (the HL map's AUROC above all), so a partial file is refused."""
+    from hlbench.models.checkpoints import load_checkpoint
+
+    model = build_model(OmegaConf.merge(cfg.model, {"backbone": {"pretrained": "none"}}), num_classes, hl=cfg.hl)
+    return model, load_checkpoint(model, checkpoint, require_all=True)
