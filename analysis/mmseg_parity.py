@@ -5,7 +5,7 @@ the tests:
     python3 -m venv /tmp/mmseg-venv
     /tmp/mmseg-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 mmcv-lite==2.1.0 mmengine \
         mmsegmentation==1.2.2 ftfy regex omegaconf
-    PYTHONPATH=. /tmp/mmseg-venv/bin/python analysis/mmseg_parity.py [--size 97] [--models ...]
+    PYTHONPATH=. /tmp/mmseg-venv/bin/python analysis/mmseg_parity.py [--size 97] [--width W] [--models ...]
 Each mmseg model is randomly initialised (BN statistics too), saved as an mmseg 1.x checkpoint, loaded into the
 hlbench model of the same config with hlbench.models.load_checkpoint, and both are run in eval mode on one image.
 Then both run one training forward (BN batch statistics, dropout off) on two images: the decode logits, the
@@ -139,6 +139,42 @@ MMSEG_MODELS = {
                           act_cfg=dict(type="ReLU")),
         auxiliary_head=None),
 }
+
+
+def _hrnet(num_blocks, num_modules, channels):
+    """mmseg HRNet `extra`: stage 1 one Bottleneck branch of 64, stages 2-4 BasicBlock branches (the W18/W48 rows:
+    num_blocks 4, num_modules (1, 1, 4, 3); W18-Small: num_blocks (2, 2, 2, 2), num_modules (1, 1, 3, 2))."""
+    stages = {"stage1": dict(num_modules=1, num_branches=1, block="BOTTLENECK", num_blocks=(num_blocks[0],),
+                             num_channels=(64,))}
+    for k in (2, 3, 4):
+        stages[f"stage{k}"] = dict(num_modules=num_modules[k - 1], num_branches=k, block="BASIC",
+                                   num_blocks=(num_blocks[k - 1],) * k, num_channels=tuple(channels[:k]))
+    return dict(type="HRNet", norm_cfg=dict(type="BN", requires_grad=True), norm_eval=False, extra=stages)
+
+
+def _hrnet_heads(channels, ocr):
+    """mmseg's fcn_hr18 head, or ocrnet_hr18's cascade of it (as stage 0) and an OCRHead: resize_concat of the four
+    branches, no dropout."""
+    concat = dict(in_channels=list(channels), in_index=(0, 1, 2, 3), input_transform="resize_concat",
+                  dropout_ratio=-1)
+    fcn = _head("FCNHead", channels=sum(channels), kernel_size=1, num_convs=1, concat_input=False, **concat)
+    if not ocr:
+        return dict(decode_head=fcn, auxiliary_head=None)
+    return dict(type="CascadeEncoderDecoder", num_stages=2, auxiliary_head=None,
+                decode_head=[fcn, _head("OCRHead", channels=512, ocr_channels=256, **concat)])
+
+
+W18, W48 = (18, 36, 72, 144), (48, 96, 192, 384)
+W18_SMALL = dict(num_blocks=(2, 2, 2, 2), num_modules=(1, 1, 3, 2))
+W18_W48 = dict(num_blocks=(4, 4, 4, 4), num_modules=(1, 1, 4, 3))
+# The Cityscapes backbone table's OCR-HRNet rows and the iSAID / TotalText FCN-HRNet rows (breadth.md §1).
+MMSEG_MODELS.update({
+    "ocrnet_hr18s": dict(backbone=_hrnet(channels=W18, **W18_SMALL), **_hrnet_heads(W18, ocr=True)),
+    "ocrnet_hr18": dict(backbone=_hrnet(channels=W18, **W18_W48), **_hrnet_heads(W18, ocr=True)),
+    "ocrnet_hr48": dict(backbone=_hrnet(channels=W48, **W18_W48), **_hrnet_heads(W48, ocr=True)),
+    "fcn_hr18s": dict(backbone=_hrnet(channels=W18, **W18_SMALL), **_hrnet_heads(W18, ocr=False)),
+    "fcn_hr18": dict(backbone=_hrnet(channels=W18, **W18_W48), **_hrnet_heads(W18, ocr=False)),
+})
 # Models that need a larger input than --size: LR-ASPP's fixed 49×49 image pool needs a 1/8 map of 49×49 or more.
 MIN_SIZES = {"lraspp_mobilenetv3": 401}
 
@@ -148,8 +184,8 @@ def build_mmseg(body):
     from mmseg.utils import register_all_modules
 
     register_all_modules()
-    cfg = dict(type="EncoderDecoder", data_preprocessor=dict(type="SegDataPreProcessor"), pretrained=None,
-               train_cfg=dict(), test_cfg=dict(mode="whole"), **{"auxiliary_head": _aux(), **body})
+    cfg = {"type": "EncoderDecoder", "data_preprocessor": dict(type="SegDataPreProcessor"), "pretrained": None,
+           "train_cfg": dict(), "test_cfg": dict(mode="whole"), "auxiliary_head": _aux(), **body}
     model = MODELS.build(cfg)
     # PyTorch's default init instead of mmseg's (whose conv_seg std 0.01 would make every logit ~0), and
     # non-trivial BN affine parameters and statistics, so that a wrong layer shows in the logits.
@@ -180,13 +216,13 @@ def compare(name, size, tmp):
     model_cfg.backbone.pretrained = "none"  # every tensor comes from the mmseg checkpoint below
     ours = build_model(model_cfg, NUM_CLASSES).eval()
     report = load_checkpoint(ours, path, require_all=True)
-    img = torch.randn(1, 3, size, size)
-    metas = [dict(img_shape=(size, size), ori_shape=(size, size), pad_shape=(size, size), padding_size=[0] * 4)]
+    img = torch.randn(1, 3, *size)
+    metas = [dict(img_shape=size, ori_shape=size, pad_shape=size, padding_size=[0] * 4)]
     with torch.no_grad():
         ref = theirs.encode_decode(img, metas)
         out = ours.predict(img, mode="whole")
     diff = (ref - out).abs().max().item()
-    print(f"{name:20s} {size}² loaded {len(report['loaded'])} missing {len(report['missing'])} "
+    print(f"{name:20s} {size[0]}×{size[1]} loaded {len(report['loaded'])} missing {len(report['missing'])} "
           f"unexpected {len(report['unexpected'])}  max|logit diff| {diff:.3e}  (logit scale {ref.abs().max():.2f})")
     return max(diff, compare_training(name, theirs, ours, size))
 
@@ -208,8 +244,8 @@ def compare_training(name, theirs, ours, size):
     theirs, ours = theirs.double(), ours.double()
     _train_without_dropout(theirs)
     _train_without_dropout(ours)
-    img = torch.randn(2, 3, size, size, dtype=torch.float64)
-    ref = theirs.decode_head(theirs.extract_feat(img))
+    img = torch.randn(2, 3, *size, dtype=torch.float64)
+    ref = _mmseg_decode(theirs, theirs.extract_feat(img))
     out = ours(img)["out"]
     ref.sum().backward()
     out.sum().backward()
@@ -226,14 +262,26 @@ def compare_training(name, theirs, ours, size):
     return max(diffs.values())
 
 
+def _mmseg_decode(model, feats):
+    """The decode head's logits; a CascadeEncoderDecoder's heads each also read the previous stage's."""
+    if not isinstance(model.decode_head, torch.nn.ModuleList):
+        return model.decode_head(feats)
+    out = model.decode_head[0](feats)
+    for head in model.decode_head[1:]:
+        out = head(feats, out)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=97, help="input side; odd sides test the odd-size paths")
+    parser.add_argument("--width", type=int, help="input width, if not --size (a non-square input)")
     parser.add_argument("--models", nargs="*", default=list(MMSEG_MODELS))
     args = parser.parse_args()
     _stub_mmcv_ops()
     with tempfile.TemporaryDirectory() as tmp:
-        diffs = {name: compare(name, max(args.size, MIN_SIZES.get(name, 0)), tmp) for name in args.models}
+        sides = (args.size, args.width or args.size)
+        diffs = {name: compare(name, tuple(max(s, MIN_SIZES.get(name, 0)) for s in sides), tmp) for name in args.models}
     sys.exit(0 if all(d < 1e-4 for d in diffs.values()) else 1)
 
 

@@ -58,6 +58,12 @@ KNOWN_WEIGHTS = {
     "resnest101_d2-f3b931b2.pth": KnownFile("f3b931b2", "mmcv open-mmlab://resnest101 (ResNeSt-101, ImageNet)"),
     "resnext101_64x4d-ee2c6f71.pth": KnownFile("ee2c6f71",
                                                "mmcv open-mmlab://resnext101_64x4d (ResNeXt-101 64x4d, ImageNet)"),
+    # MSRA's HRNetV2 ImageNet classifiers (HRNet-Image-Classification), official key names, which mmseg's HRNet
+    # keeps; their classification head (incre_modules, downsamp_modules, final_layer, classifier) goes unused.
+    "hrnetv2_w18_small-b5a04e21.pth": KnownFile(
+        "b5a04e21", "mmcv open-mmlab://msra/hrnetv2_w18_small (HRNetV2-W18-Small, ImageNet)"),
+    "hrnetv2_w18-00eb2006.pth": KnownFile("00eb2006", "mmcv open-mmlab://msra/hrnetv2_w18 (HRNetV2-W18, ImageNet)"),
+    "hrnetv2_w48-d2186c55.pth": KnownFile("d2186c55", "mmcv open-mmlab://msra/hrnetv2_w48 (HRNetV2-W48, ImageNet)"),
     # The semi-supervised references' deep-stem ResNet-101 (U2PL's and UniMatch's READMEs link their own Google
     # Drive uploads, not known to differ; UniMatch's: https://drive.google.com/file/d/13jNMOEYkqBC3CimlSSw-sWRHVZEeROmK)
     "resnet101.pth": KnownFile("", "U2PL / UniMatch ImageNet ResNet-101 (deep stem), no checksum published",

@@ -9,6 +9,7 @@ from hlbench.errors import ConfigError
 from hlbench.models.attention_heads import ANNHead, CCHead, EMAHead, GCHead, ISAHead, NLHead, PSAHead
 from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, ConvBNReLU, DepthwiseSeparableASPPHead,
                                   FCNHead, OCRHead, ProjectedHead, PSPHead, UPerHead)
+from hlbench.models.hrnet import HRNet
 from hlbench.models.lraspp_head import LRASPPHead
 from hlbench.models.mobilenet import MobileNetV2, MobileNetV3
 from hlbench.models.pretrained import load_pretrained
@@ -19,7 +20,7 @@ from hlbench.weights import resolve_pretrained
 
 BACKBONES = {"resnet_v1c": ResNetV1c, "resnet_v1s": ResNetV1s, "torchvision_resnet": TorchvisionResNet,
              "resnext": ResNeXt, "resnest": ResNeSt,
-             "mobilenet_v2": MobileNetV2, "mobilenet_v3": MobileNetV3}
+             "mobilenet_v2": MobileNetV2, "mobilenet_v3": MobileNetV3, "hrnet": HRNet}
 HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead,
          "aspp_plus": ASPPPlusHead, "uper": UPerHead, "ocr": OCRHead, "ann": ANNHead, "cc": CCHead, "ema": EMAHead,
          "gc": GCHead, "isa": ISAHead, "nl": NLHead, "psa": PSAHead, "lraspp": LRASPPHead}

@@ -62,12 +62,26 @@ class DecodeHead(nn.Module):
 
     Args:
         in_index: which backbone stage (index into the feature tuple) the head reads.
+        input_transform: "resize_concat" (mmseg's, for HRNet) reads the stages of a list in_index resized to the
+            first one's size and concatenated, so in_channels is their sum; only heads listing it in
+            INPUT_TRANSFORMS read their input through `head_input`.
     """
 
-    def __init__(self, in_channels, channels, num_classes, dropout=0.1, in_index=-1, align_corners=False):
+    INPUT_TRANSFORMS = (None,)
+
+    def __init__(self, in_channels, channels, num_classes, dropout=0.1, in_index=-1, align_corners=False,
+                 input_transform=None):
         super().__init__()
+        if input_transform not in self.INPUT_TRANSFORMS:
+            raise ConfigError(f"{type(self).__name__}: input_transform must be one of {list(self.INPUT_TRANSFORMS)}, "
+                              f"got {input_transform!r}")
+        if input_transform == "resize_concat":
+            if not isinstance(in_index, (list, tuple)):
+                raise ConfigError(f"{type(self).__name__}: input_transform resize_concat needs a list in_index, got "
+                                  f"{in_index!r}")
+            in_channels = sum(in_channels)
         self.in_channels, self.channels, self.num_classes = in_channels, channels, num_classes
-        self.in_index, self.align_corners = in_index, align_corners
+        self.in_index, self.align_corners, self.input_transform = in_index, align_corners, input_transform
         self.dropout = _dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         # mmseg BaseDecodeHead init: Normal(0, 0.01), bias 0, so an HL head copy starts with D ≈ 0.
@@ -76,6 +90,13 @@ class DecodeHead(nn.Module):
 
     def classify(self, feat):
         return self.conv_seg(self.dropout(feat))
+
+    def head_input(self, inputs):
+        """The stage in_index, or with resize_concat the stages of in_index concatenated at the first's size."""
+        if self.input_transform is None:
+            return inputs[self.in_index]
+        size = inputs[self.in_index[0]].shape[2:]
+        return torch.cat([resize(inputs[i], size, self.align_corners) for i in self.in_index], dim=1)
 
     def outputs(self, inputs, feature_perturbation=False):
         """The head's training outputs as a dict: {"out"}; ASPPPlusHead adds U2PL's "rep" and UniMatch's "out_fp"."""
@@ -90,26 +111,30 @@ def _dropout2d(p):
 
 
 class FCNHead(DecodeHead):
-    """FCN head: `num_convs` 3×3 convs (`convs`), optionally concatenated with the input (`conv_cat`).
+    """FCN head: `num_convs` convs (`convs`), optionally concatenated with the input (`conv_cat`).
 
     Args:
+        kernel_size: of the convs; the HRNet configs use 1.
         conv_bias: give the `convs` a bias before their BN, as U2PL's aux head (u2pl/models/decoder.py Aux_Module).
     """
 
+    INPUT_TRANSFORMS = (None, "resize_concat")
+
     def __init__(self, in_channels, channels, num_classes, num_convs=2, concat_input=True, dilation=1, conv_bias=False,
-                 **kwargs):
+                 kernel_size=3, **kwargs):
         super().__init__(in_channels, channels, num_classes, **kwargs)
+        in_channels = self.in_channels
         if num_convs == 0 and in_channels != channels:
             raise ConfigError(f"FCN head with num_convs=0 needs in_channels == channels, got {in_channels}, {channels}")
-        convs = [ConvBNReLU(in_channels if i == 0 else channels, channels, 3, dilation, bias=conv_bias)
+        convs = [ConvBNReLU(in_channels if i == 0 else channels, channels, kernel_size, dilation, bias=conv_bias)
                  for i in range(num_convs)]
         self.convs = nn.Sequential(*convs) if convs else nn.Identity()
         self.concat_input = concat_input
         if concat_input:
-            self.conv_cat = ConvBNReLU(in_channels + channels, channels, 3)
+            self.conv_cat = ConvBNReLU(in_channels + channels, channels, kernel_size)
 
     def forward(self, inputs):
-        x = inputs[self.in_index]
+        x = self.head_input(inputs)
         out = self.convs(x)
         if self.concat_input:
             out = self.conv_cat(torch.cat([x, out], dim=1))
@@ -332,14 +357,16 @@ class OCRHead(DecodeHead):
     """OCRNet head, stage 1 of a cascade: 3×3 `bottleneck`, `spatial_gather_module` over the previous stage's
     logits, `object_context_block`, then `conv_seg`."""
 
+    INPUT_TRANSFORMS = (None, "resize_concat")
+
     def __init__(self, in_channels, channels, num_classes, ocr_channels=256, **kwargs):
         super().__init__(in_channels, channels, num_classes, **kwargs)
-        self.bottleneck = ConvBNReLU(in_channels, channels, 3)
+        self.bottleneck = ConvBNReLU(self.in_channels, channels, 3)
         self.spatial_gather_module = SpatialGatherModule()
         self.object_context_block = ObjectAttentionBlock(channels, ocr_channels)
 
     def forward(self, inputs, prev_logits):
-        feats = self.bottleneck(inputs[self.in_index])
+        feats = self.bottleneck(self.head_input(inputs))
         context = self.spatial_gather_module(feats, prev_logits)
         return self.classify(self.object_context_block(feats, context))
 
