@@ -71,6 +71,33 @@ class ConfusionMatrix:
         return out
 
 
+# The metric a data set's tables report (data.metric; mIoU when it names none). fgIoU is the IoU of the foreground
+# class of a background/foreground data set: TotalText's published number (IoU.Character, the HL authors' README),
+# which the evaluation then records next to mIoU.
+TABLE_METRICS = ("mIoU", "fgIoU")
+
+
+def check_table_metric(name: str, num_classes: int) -> None:
+    """ConfigError naming data.metric unless it is a table metric the data set's classes allow."""
+    if name not in TABLE_METRICS:
+        raise ConfigError(f"data.metric={name!r} is not valid; expected one of {', '.join(TABLE_METRICS)}")
+    if name == "fgIoU" and num_classes != 2:
+        raise ConfigError(f"data.metric=fgIoU needs two classes (background, foreground), the data set has "
+                          f"{num_classes}")
+
+
+def declared_metrics(metrics: dict, name: str, class_names: list[str]) -> dict:
+    """What table metric `name` adds to compute()'s metrics: {} for mIoU, {"fgIoU": IoU of the second class} for
+    a background/foreground data set."""
+    check_table_metric(name, len(class_names))
+    return {"fgIoU": metrics[f"IoU.{class_names[1]}"]} if name == "fgIoU" else {}
+
+
+def table_metric(entry: dict) -> str:
+    """The table metric of an evaluation (metrics or a summary entry): the declared one it holds, else mIoU."""
+    return next((name for name in TABLE_METRICS[1:] if name in entry), "mIoU")
+
+
 def _nanmean(x: torch.Tensor) -> float:
     keep = ~torch.isnan(x)
     return x[keep].mean().item() if keep.any() else math.nan

@@ -24,16 +24,20 @@ def _card(summary: dict, key: str, digits: int) -> str:
 
 
 def comparison_table(summaries: list[dict], title: str = "") -> str:
-    """Fixed-width text table: mIoU, IoU of the data set's thin/small classes, HL-map AUROC, time, paper."""
+    """Fixed-width text table: mIoU, the data set's own table metric where it declares one (TotalText's fgIoU, the
+    paper's number then), IoU of the data set's thin/small classes, HL-map AUROC, time, paper."""
     rows: dict[str, list[dict]] = {}
     for s in summaries:
         rows.setdefault(s["experiment"], []).append(s)
-    header = ["experiment", "HL", "mIoU", "thin/small IoU", "HL AUROC", "train s", "s/iter", "paper mIoU",
-              "paper s/iter"]
+    metric = next((s["metric"] for s in summaries if s.get("metric")), "mIoU")
+    declared = [metric] if metric != "mIoU" else []
+    header = ["experiment", "HL", "mIoU", *declared, "thin/small IoU", "HL AUROC", "train s", "s/iter",
+              f"paper {metric}", "paper s/iter"]
     lines = []
     for name, runs in rows.items():
         lines.append([name, "yes" if runs[0]["hl"] else "no",
                       mean_std([r["final"]["mIoU"] for r in runs], POINTS),
+                      *[mean_std([r["final"].get(m) for r in runs], POINTS) for m in declared],
                       mean_std([r.get("report_IoU") for r in runs], POINTS),
                       mean_std([r.get("hl_auroc") for r in runs], 1, 3),
                       mean_std([r["train_time_s"] for r in runs], 1, 0),

@@ -10,11 +10,14 @@ from hlbench.data.bad_samples import apply_bad_sample_policy
 from hlbench.data.decoded_cache import apply_decoded_cache
 from hlbench.data.cityscapes import Cityscapes, build_cityscapes, build_cityscapes_semisup, cityscapes_split
 from hlbench.data.gta5 import GTA5, build_gta5_to_cityscapes
+from hlbench.data.isaid import build_isaid
 from hlbench.data.semisup import Split, UnlabeledImages, read_split_list, shipped_splits
 from hlbench.data.synthetic import (SyntheticStreets, build_synthetic, build_synthetic_semisup, stand_in_split,
                                     synthetic_split)
+from hlbench.data.totaltext import build_totaltext
 from hlbench.data.transforms import build_test_pipeline, build_train_pipeline, sample_rng, worker_init_fn
 from hlbench.errors import ConfigError, MissingInputError
+from hlbench.metrics import check_table_metric
 
 __all__ = ["ADE20K", "DATASETS", "GTA5", "Cityscapes", "SEMISUP_SPLITS", "Split", "SyntheticStreets",
            "UnlabeledImages", "build_datasets", "build_test_pipeline", "build_train_pipeline", "normalize_batch",
@@ -22,7 +25,8 @@ __all__ = ["ADE20K", "DATASETS", "GTA5", "Cityscapes", "SEMISUP_SPLITS", "Split"
 
 DATASETS = {"synthetic": build_synthetic, "cityscapes": build_cityscapes,
             "gta5_to_cityscapes": build_gta5_to_cityscapes, "ade20k": build_ade20k,
-            "cityscapes_semisup": build_cityscapes_semisup, "synthetic_semisup": build_synthetic_semisup}
+            "cityscapes_semisup": build_cityscapes_semisup, "synthetic_semisup": build_synthetic_semisup,
+            "isaid": build_isaid, "totaltext": build_totaltext}
 # The semi-supervised data sets: data.name -> the function giving its Split (plain synthetic scenes have one only
 # where they stand in for a semi-supervised data set, else None).
 SEMISUP_SPLITS = {"cityscapes_semisup": cityscapes_split, "synthetic_semisup": synthetic_split,
@@ -34,7 +38,11 @@ _CITYSCAPES_LAYOUT = "leftImg8bit/{train,val}/<city>/ and gtFine/{train,val}/<ci
 ROOT_LAYOUTS = {("cityscapes", "root"): _CITYSCAPES_LAYOUT, ("cityscapes_semisup", "root"): _CITYSCAPES_LAYOUT,
                 ("gta5_to_cityscapes", "root"): "images/ and labels/",
                 ("gta5_to_cityscapes", "cityscapes_root"): _CITYSCAPES_LAYOUT,
-                ("ade20k", "root"): "images/{training,validation}/ and annotations/{training,validation}/"}
+                ("ade20k", "root"): "images/{training,validation}/ and annotations/{training,validation}/",
+                ("isaid", "root"): "img_dir/{train,val}/ and ann_dir/{train,val}/ (python -m hlbench.data "
+                                   "prepare isaid)",
+                ("totaltext", "root"): "images/{Train,Test}/ and annotations/{Train,Test}/ (python -m hlbench.data "
+                                       "prepare totaltext)"}
 
 
 def require_data_root(data_cfg) -> None:
@@ -58,6 +66,7 @@ def build_datasets(data_cfg, seed: int) -> dict:
         raise ConfigError(f"data.name={name!r} is not a known data set; valid names: {sorted(DATASETS)}")
     require_data_root(data_cfg)
     datasets = DATASETS[name](data_cfg, seed)
+    check_table_metric(data_cfg.get("metric", "mIoU"), len(datasets["val"].classes))
     apply_bad_sample_policy(datasets, data_cfg.get("on_bad_sample", "error"))
     apply_decoded_cache(datasets, data_cfg.get("decoded_cache"))
     return datasets

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hlbench.data.loader_bench import BENCH, loader_rate
 from hlbench.data.mock import DEFAULT_SIZES, write_mock
-from hlbench.data.prepare import check_dataset, prepare_labels
+from hlbench.data.prepare import KNOWN_COUNTS, PREPARED, check_dataset, prepare_labels
 from hlbench.engine.cores import usable_cores
 from hlbench.errors import ConfigError
 
@@ -16,10 +16,11 @@ from hlbench.errors import ConfigError
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hlbench.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="write *_labelTrainIds.png next to the raw labels (resumable)")
-    prep.add_argument("dataset", choices=["cityscapes", "gta5"])
+    prep = sub.add_parser("prepare", help="write the train-id labels (Cityscapes, GTA5, Total-Text) or the patches "
+                                          "(iSAID) the data set reads from the raw download (resumable)")
+    prep.add_argument("dataset", choices=sorted(PREPARED))
     check = sub.add_parser("check", help="validate the layout, decode every image and label; exit code 2 on errors")
-    check.add_argument("dataset", choices=["cityscapes", "gta5", "ade20k"])
+    check.add_argument("dataset", choices=sorted(KNOWN_COUNTS))
     check.add_argument("--quick", action="store_true",
                        help="read only the images' headers: quicker, but a truncated or corrupt image passes")
     for p in (prep, check):
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     if args.command == "prepare":
         written, skipped = prepare_labels(args.dataset, args.root, args.workers)
-        print(f"{args.dataset}: wrote {written} trainId labels, {skipped} already present")
+        print(f"{args.dataset}: wrote {written} {PREPARED[args.dataset]}, {skipped} already present")
         return 0
     if args.command == "check":
         counts, errors, warnings = check_dataset(args.dataset, args.root, args.workers, decode=not args.quick)

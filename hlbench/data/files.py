@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from hlbench.data.transforms import Compose, ToTensor, config_value, sample_rng
+from hlbench.data.transforms import Compose, ToTensor, build_split_pipelines, config_value, sample_rng
 from hlbench.atomic_files import atomic_write
 from hlbench.data.bad_samples import BadSampleError, BadSampleLog
 from hlbench.data.decoded_cache import read_through
@@ -32,6 +32,21 @@ _JPEG_SIGNATURE, _JPEG_END = b"\xff\xd8", b"\xff\xd9"                           
 _TAIL = 1024  # bytes searched for the end marker: a few writers append a trailer after it
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _warned: set[tuple[str, str]] = set()
+
+
+def folder_pairs(images: Path, labels: Path, image_suffix: str, label_suffix: str) -> list[tuple[Path, Path, None]]:
+    """[(image, label, None)] of the images in `images` named *<image_suffix> (in any case: a disk that ignores case
+    may hold IMG.JPG for img.jpg), each with its label <stem><label_suffix> in `labels`, which holds train ids.
+
+    MissingInputError names a missing folder, or the first image without its label."""
+    require_dir(labels)
+    pairs = []
+    for image in sorted(p for p in require_dir(images).iterdir() if p.name.lower().endswith(image_suffix)):
+        label = labels / f"{image.name[: -len(image_suffix)]}{label_suffix}"
+        if not label.is_file():
+            raise MissingInputError(f"image {image} has no label: expected {label}")
+        pairs.append((image, label, None))
+    return pairs
 
 
 def _read_bytes(path) -> bytes:
@@ -91,9 +106,14 @@ def read_image(path) -> np.ndarray:
 
 def read_label(path) -> np.ndarray:
     """Single-channel uint8 label map as stored (no colour conversion)."""
-    label = cv2.imdecode(np.frombuffer(_read_bytes(path), np.uint8), cv2.IMREAD_UNCHANGED)
+    data = _read_bytes(path)
+    label = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if label is None:
         raise BadSampleError(path, "cannot decode the label (corrupt file)")
+    if data.startswith(_PNG_SIGNATURE) and data[24] < 8:  # IHDR bit depth
+        raise BadSampleError(path, f"a {data[24]}-bit PNG holds too few values for class ids (mmseg's iSAID "
+                                   "converter writes 1-bit labels under a current Pillow, mmsegmentation #1504): "
+                                   "write 8-bit labels, e.g. with python -m hlbench.data prepare")
     if label.ndim != 2 or label.dtype != np.uint8:
         raise BadSampleError(path, f"a label must be a single-channel 8-bit PNG, got shape {label.shape} "
                                    f"{label.dtype}")
@@ -211,6 +231,20 @@ def check_mapped_labels(dataset, num_files: int = 3) -> None:
             errors.append(err)
     if checked and len(errors) == len(checked):
         raise errors[0]
+
+
+def labelled_splits(data_cfg, seed: int, classes, palette, pairs_of, layout: str) -> dict:
+    """{"train", "val"} LabelledFiles of the splits data.{train,val}.split under data.root, listed by
+    `pairs_of(root, split)`; `seed` drives augmentation, `layout` says what data.root holds (for the errors)."""
+    pipelines = build_split_pipelines(data_cfg, classes)
+    root = config_value(data_cfg, "root", layout, "data")
+    out = {}
+    for split, transform in pipelines.items():
+        if not (pairs := pairs_of(root, config_split(data_cfg, split))):
+            raise MissingInputError(f"data.root={root} holds no {config_split(data_cfg, split)} images; expected "
+                                    f"{layout}")
+        out[split] = LabelledFiles(pairs, classes, palette, transform, seed)
+    return out
 
 
 def config_split(data_cfg, split: str) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from hlbench.data import ade20k, cityscapes, gta5
+from hlbench.data import ade20k, cityscapes, gta5, isaid, totaltext
 from hlbench.data.bad_samples import BadSampleError
 from hlbench.data.files import IGNORE_INDEX, image_size, read_image, read_label, read_palette_indices, require_dir, \
     write_png_atomic
@@ -35,8 +35,28 @@ def _convert(job: tuple[Path, Path, bool]) -> None:
     write_png_atomic(out, cityscapes.ID_TO_TRAIN_ID[ids])
 
 
+# Data sets whose prepare step lives in their own module: name -> the jobs of a root (each job's run() returns
+# (written, skipped)), and what the counts count.
+PREPARE_JOBS = {"isaid": isaid.prepare_jobs, "totaltext": totaltext.prepare_jobs}
+PREPARED = {"cityscapes": "trainId labels", "gta5": "trainId labels", "isaid": "patches and test scenes",
+            "totaltext": "labels"}
+
+
+def _run_job(job) -> tuple[int, int]:
+    return job.run()
+
+
 def prepare_labels(name: str, root, workers: int = 1) -> tuple[int, int]:
-    """Writes the missing *_labelTrainIds.png of `name` ("cityscapes" | "gta5"); returns (written, skipped)."""
+    """Writes what data set `name` lacks: the *_labelTrainIds.png of "cityscapes" | "gta5", the patches of
+    "isaid", the {0, 1} labels of "totaltext"; returns (written, skipped) in PREPARED[name] units."""
+    if name in PREPARE_JOBS:
+        jobs = PREPARE_JOBS[name](Path(root))
+        written = skipped = 0
+        with Pool(max(1, int(workers))) as pool:
+            for done, present in tqdm(pool.imap_unordered(_run_job, jobs), total=len(jobs), desc=f"prepare {name}",
+                                      unit="image"):
+                written, skipped = written + done, skipped + present
+        return written, skipped
     jobs = _label_jobs(name, Path(root))
     todo = [job for job in jobs if not job[1].is_file()]
     with Pool(max(1, int(workers))) as pool:
@@ -91,7 +111,8 @@ def _split_pairs(name: str, root: Path, errors: list[str], warnings: list[str]) 
         # Incomplete redistributions of GTA5 exist (datasets.md §3): usable, so only warn.
         warnings += [f"{image}: image without label" for image in unlabelled]
         return {"all": pairs}
-    lister = {"cityscapes": cityscapes.cityscapes_pairs, "ade20k": ade20k.ade20k_pairs}[name]
+    lister = {"cityscapes": cityscapes.cityscapes_pairs, "ade20k": ade20k.ade20k_pairs,
+              "isaid": isaid.isaid_pairs, "totaltext": totaltext.totaltext_pairs}[name]
     splits = {}
     for split in ("train", "val"):
         try:
@@ -104,9 +125,12 @@ def _split_pairs(name: str, root: Path, errors: list[str], warnings: list[str]) 
 # Per data set: (max raw value of a LUT-mapped label or None, screen trainId files for raw Cityscapes ids,
 # raw labels are palette PNGs). Raw ADE annotations hold 0..150 before reduce-zero.
 LABEL_RULES = {"cityscapes": (MAX_CITYSCAPES_ID, True, False), "gta5": (None, True, True),
-               "ade20k": (len(ade20k.CLASSES), False, False)}
+               "ade20k": (len(ade20k.CLASSES), False, False), "isaid": (None, False, False),
+               "totaltext": (None, False, False)}
 KNOWN_COUNTS = {"cityscapes": cityscapes.KNOWN_COUNTS, "gta5": {"all": gta5.KNOWN_COUNT},
-                "ade20k": ade20k.KNOWN_COUNTS}
+                "ade20k": ade20k.KNOWN_COUNTS, "isaid": isaid.KNOWN_COUNTS, "totaltext": totaltext.KNOWN_COUNTS}
+CLASSES = {"cityscapes": cityscapes.CLASSES, "gta5": cityscapes.CLASSES, "ade20k": ade20k.CLASSES,
+           "isaid": isaid.CLASSES, "totaltext": totaltext.CLASSES}
 
 
 def check_dataset(name: str, root, workers: int = 1, decode: bool = True) -> tuple[dict, list[str], list[str]]:
@@ -118,7 +142,7 @@ def check_dataset(name: str, root, workers: int = 1, decode: bool = True) -> tup
         raise ConfigError(f"check supports {sorted(KNOWN_COUNTS)}, got {name!r}")
     root, errors, warnings = Path(root), [], []
     splits = _split_pairs(name, root, errors, warnings)
-    num_classes = len(ade20k.CLASSES if name == "ade20k" else cityscapes.CLASSES)
+    num_classes = len(CLASSES[name])
     jobs = [(pair, num_classes, LABEL_RULES[name], decode) for pairs in splits.values() for pair in pairs]
     with Pool(max(1, int(workers))) as pool:
         for found in tqdm(pool.imap(_pair_errors, jobs, chunksize=8), total=len(jobs), desc=f"check {name}",

@@ -7,6 +7,7 @@ from typing import Callable
 
 from .checkpoint import Checkpoints, load_state
 from .distributed import barrier
+from ..metrics import table_metric
 from .summary import summary_entry
 
 
@@ -30,7 +31,8 @@ class BestSelection:
         metrics = result["metrics"]
         if self.select_from == "final_protocol" and result["protocol"] != self.final_protocol:
             return
-        if self.best is not None and not metrics["mIoU"] > self.best["mIoU"]:
+        key = table_metric(metrics)  # the data set's table metric: TotalText's best is its best fgIoU
+        if self.best is not None and not metrics[key] > self.best[key]:
             return
         module, which = method.eval_model(model)
         if self.is_main:

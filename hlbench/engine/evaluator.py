@@ -15,7 +15,7 @@ from ..hardness import hardness_map
 from ..labels import IGNORE_INDEX
 from ..losses import pixel_cross_entropy
 from ..models.heads import resize
-from ..metrics import ConfusionMatrix, binary_auroc
+from ..metrics import ConfusionMatrix, binary_auroc, declared_metrics
 
 # Pixels per image scored for the AUROC: enough for a stable estimate, cheap to gather across ranks.
 _AUROC_PIXELS_PER_IMAGE = 4096
@@ -125,6 +125,7 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
     progress.close()
     cm.all_reduce()
     metrics = cm.compute(class_names)
+    metrics.update(declared_metrics(metrics, data_cfg.get("metric", "mIoU"), class_names))
     auroc = _hardness_aurocs(scores, targets, bits, data_cfg.get("hard_kinds")) if score_hl else {}
     model.train(was_training)
     return {"metrics": metrics, "hl_auroc": auroc.get("hl_auroc"), "hl_auroc_kinds": auroc, "panel": panel,

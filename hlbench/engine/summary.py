@@ -8,13 +8,15 @@ import torch
 from omegaconf import OmegaConf
 
 from ..data.bad_samples import bad_sample_report
+from ..metrics import TABLE_METRICS
 from ..weights import pretrained_name
 
 
 def summary_entry(it: int, metrics: dict, protocol: dict, weights: str, model: str, class_names: list[str]) -> dict:
     """One evaluation: `weights` says which file and `model` which of the method's weights (student or teacher)
     produced it."""
-    return {"iter": it, "mIoU": metrics["mIoU"], "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"],
+    return {"iter": it, "mIoU": metrics["mIoU"], **{k: metrics[k] for k in TABLE_METRICS[1:] if k in metrics},
+            "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"],
             "IoU": {c: metrics[f"IoU.{c}"] for c in class_names},
             "protocol": {**protocol, "weights": weights, "model": model}}
 
@@ -44,6 +46,8 @@ def run_summary(cfg, meta: dict, parts, *, final: dict, protocol: dict, best: di
         "seed": int(cfg.seed),
         "iters": total, "setting": cfg.setting, "method": cfg.method.name, "hl": bool(cfg.hl.enabled),
         "model": cfg.model.name, "data": cfg.data.name, "split": parts.split, "pretrained": pretrained_name(cfg),
+        # the data set's table metric (data.metric), where it is not mIoU: the tables show that one
+        **({"metric": cfg.data.metric} if cfg.data.get("metric", "mIoU") != "mIoU" else {}),
         "precision": cfg.train.precision,
         "train_time_s": round(train_time, 2), "resumed_from": start_it or None,
         "s_per_iter": float(np.median(step_times)) if step_times else None,

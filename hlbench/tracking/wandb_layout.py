@@ -11,6 +11,7 @@ from __future__ import annotations
 METRIC_SUMMARIES = (
     ("train/loss", "min,last"),
     ("val/mIoU", "max,last"),
+    ("val/fgIoU", "max,last"),   # logged only where the data set's table metric is fgIoU (data.metric)
     ("val/mAcc", "max,last"),
     ("val/aAcc", "max,last"),
     ("val/hl_auroc", "max,last"),
