@@ -70,9 +70,10 @@ def _head(type, **options):
                      norm_cfg=dict(type="BN"), align_corners=False), **options)
 
 
-def _aux(in_channels=1024):
-    return dict(type="FCNHead", in_channels=in_channels, in_index=2, channels=256, num_convs=1, concat_input=False,
-                dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"), align_corners=False)
+def _aux(in_channels=1024, **options):
+    return dict(dict(type="FCNHead", in_channels=in_channels, in_index=2, channels=256, num_convs=1,
+                     concat_input=False, dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"),
+                     align_corners=False), **options)
 
 
 # hlbench model config name -> mmseg 1.x model dict (the numbers of mmseg's _base_/models/*_r50-d8.py files).
@@ -138,6 +139,16 @@ MMSEG_MODELS = {
                           input_transform="multiple_select", norm_cfg=dict(type="BN", eps=1e-3),
                           act_cfg=dict(type="ReLU")),
         auxiliary_head=None),
+    # mmseg bisenetv2_fcn_4xb4-160k_cityscapes-1024x1024: an FCN head on the aggregated features and mmseg's list of
+    # four FCN aux heads on the semantic stages (checkpoint keys auxiliary_head.<i>.*).
+    "bisenetv2": dict(
+        backbone=dict(type="BiSeNetV2", detail_channels=(64, 64, 128), semantic_channels=(16, 32, 64, 128),
+                      semantic_expansion_ratio=6, bga_channels=128, out_indices=(0, 1, 2, 3, 4), init_cfg=None,
+                      align_corners=False),
+        decode_head=_head("FCNHead", in_channels=128, in_index=0, channels=1024, num_convs=1, concat_input=False),
+        auxiliary_head=[_aux(16, in_index=1, channels=16, num_convs=2), _aux(32, in_index=2, channels=64, num_convs=2),
+                        _aux(64, in_index=3, channels=256, num_convs=2),
+                        _aux(128, in_index=4, channels=1024, num_convs=2)]),
 }
 
 

@@ -379,7 +379,8 @@ def measure_components(group: Group, ctx) -> list[dict]:
                 outs = model.backbone(img)
             else:
                 inputs = tuple(f.detach().requires_grad_(with_input_grad) for f in feats)
-                outs = [getattr(model, name)(inputs)]
+                out = getattr(model, name)(inputs)
+                outs = out.values() if isinstance(out, dict) else [out]  # a list of aux heads: one per head
             sum(o.float().mean() for o in outs).backward()
         return run
 

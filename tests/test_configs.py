@@ -14,8 +14,9 @@ CONF = Path(__file__).resolve().parents[1] / "hlbench" / "conf"
 EXPERIMENT_NAMES = sorted(str(p.relative_to(EXPERIMENTS / "experiment").with_suffix(""))
                           for p in (EXPERIMENTS / "experiment").rglob("*.yaml"))
 SUITE_NAMES = sorted(p.stem for p in (EXPERIMENTS / "suites").glob("*.yaml"))
-GROUP_OPTIONS = sorted((d.name, p.stem) for d in CONF.iterdir() if d.is_dir() and not d.name.startswith("_")
-                       for p in d.glob("*.yaml"))
+# Options in subfolders too (model=tiny/<family>, the smoke models).
+GROUP_OPTIONS = sorted((d.name, p.relative_to(d).with_suffix("").as_posix()) for d in CONF.iterdir()
+                       if d.is_dir() and not d.name.startswith("_") for p in d.rglob("*.yaml"))
 
 
 def test_configs_were_found():

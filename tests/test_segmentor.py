@@ -138,7 +138,9 @@ def test_every_model_config_builds():
         index = OmegaConf.to_object(cfg.head)["in_index"]
         assert stages[-1].in_channels == ([in_channels[i] for i in index] if isinstance(index, list) else
                                           in_channels[index])
-        if cfg.aux.enabled:
+        if OmegaConf.is_list(cfg.aux):  # mmseg's list of aux heads (BiSeNetV2)
+            assert [h.in_channels for h in model.auxiliary_head] == [in_channels[a.in_index] for a in cfg.aux]
+        elif cfg.aux.enabled:
             assert model.auxiliary_head.in_channels == in_channels[cfg.aux.in_index]
         assert hl_last.conv_seg.out_channels == 1 and all(s.conv_seg.out_channels == 19 for s in stages)
 

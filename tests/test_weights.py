@@ -96,6 +96,8 @@ def test_model_configs_name_the_reference_file_of_their_depth():
         backbone = OmegaConf.load(path).backbone
         if backbone.get("width_mult", 1.0) < 1:  # the CPU smoke model: no ImageNet file has its shapes
             assert backbone.pretrained == "none", path
+        elif backbone.type == "bisenetv2":  # the authors' config trains it from scratch, and says so
+            assert backbone.pretrained == "none", path
         elif backbone.type == "resnet_v1s":  # the semi-supervised references' own deep-stem ResNet-101 file
             assert backbone.pretrained == "resnet101.pth" and backbone.depth == 101, path
         else:

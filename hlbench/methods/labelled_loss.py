@@ -18,6 +18,7 @@ from ..hardness import hardness_loss
 from ..labels import IGNORE_INDEX
 from ..losses import (LOSS_KEYS, kept_mean, make_pixel_loss, pixel_accuracy, pixel_cross_entropy,
                       prob_ohem_keep_mask, reduce_pixel_loss)
+from ..models.build import aux_loss_weights
 from ..models.heads import resize
 
 log = logging.getLogger("hlbench")
@@ -53,9 +54,10 @@ class LabelledTerms:
     """The labelled loss's terms, for the method to add.
 
     seg: the decode loss (HL-weighted where HL enters the labelled loss), plus a cascade's weighted stage-0 loss;
-    aux: the auxiliary head's weighted loss (0 without one); hl: L_h, which trains only the HL branch (0 without
-    one); logs: mmseg's keys, decode.<loss key> (loss_ce or loss_focal), decode.acc_seg, aux.loss_ce, aux.acc_seg,
-    weight_loss (L_h); a cascade (OCRNet) logs decode_0.* (stage 0) and decode_1.* instead of decode.*.
+    aux: the auxiliary heads' weighted losses, summed (0 without one); hl: L_h, which trains only the HL branch (0
+    without one); logs: mmseg's keys, decode.<loss key> (loss_ce or loss_focal), decode.acc_seg, aux.loss_ce,
+    aux.acc_seg (a list of aux heads: aux_<i>.*), weight_loss (L_h); a cascade (OCRNet) logs decode_0.* (stage 0)
+    and decode_1.* instead of decode.*.
     """
     seg: torch.Tensor
     aux: torch.Tensor
@@ -85,6 +87,8 @@ class LabelledLoss:
         self.loss_name, self.loss_key = loss.name, LOSS_KEYS[loss.name]
         self.denominator = loss.ce_denominator
         self.aux_weight, self.stage0_weight = float(loss.aux_weight), float(loss.stage0_weight)
+        # Per aux output: a model config's list of aux heads may weight each (BiSeNetV2); else loss.aux_weight.
+        self.aux_weights = aux_loss_weights(cfg.model, self.aux_weight) if "model" in cfg else {}
         self.focal_bug = bool(loss.focal_reference_bug)
         self.aux_name = loss.aux_name
         self.ohem = (float(loss.ohem_thresh), int(loss.ohem_min_kept))
@@ -184,15 +188,19 @@ class LabelledLoss:
             seg = seg + logs[f"decode_0.{self.loss_key}"]
 
         zero = seg.new_zeros(())
-        aux_loss = zero
-        if "aux" in out:
-            aux = resize(out["aux"], size, align_corners)
+        aux_terms = []
+        # One aux head's "aux", or "aux_<i>" of each head of a list (models.segmentor.AuxiliaryHeads).
+        for key in [k for k in out if k == "aux" or k.startswith("aux_")]:
+            aux = resize(out[key], size, align_corners)
+            loss_weight = self.aux_weights.get(key, self.aux_weight)
             if self.aux_name == "prob_ohem":  # U2PL: 0.4 x OHEM on the aux head too
-                aux_loss = kept_mean(*self._prob_ohem(aux, seen), self.group) * self.aux_weight
+                term = kept_mean(*self._prob_ohem(aux, seen), self.group) * loss_weight
             else:
                 aux_pix = pixel_cross_entropy(aux, seen, self.ignore_index)
                 aux_weights = weights if self.hl.weight_aux else None
-                aux_loss = self._reduce(aux_pix, seen, aux_weights) * self.aux_weight
-            logs["aux.loss_ce"] = aux_loss
-            logs["aux.acc_seg"] = pixel_accuracy(aux.detach(), seen, self.ignore_index)
+                term = self._reduce(aux_pix, seen, aux_weights) * loss_weight
+            logs[f"{key}.loss_ce"] = term
+            logs[f"{key}.acc_seg"] = pixel_accuracy(aux.detach(), seen, self.ignore_index)
+            aux_terms.append(term)
+        aux_loss = sum(aux_terms) if aux_terms else zero
         return LabelledTerms(seg=seg, aux=aux_loss, hl=zero if l_h is None else l_h, logs=logs)

@@ -3,10 +3,11 @@
 import inspect
 
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from hlbench.errors import ConfigError
 from hlbench.models.attention_heads import ANNHead, CCHead, EMAHead, GCHead, ISAHead, NLHead, PSAHead
+from hlbench.models.bisenetv2 import BiSeNetV2
 from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, ConvBNReLU, DepthwiseSeparableASPPHead,
                                   FCNHead, OCRHead, ProjectedHead, PSPHead, UPerHead)
 from hlbench.models.hrnet import HRNet
@@ -15,12 +16,13 @@ from hlbench.models.mobilenet import MobileNetV2, MobileNetV3
 from hlbench.models.pretrained import load_pretrained
 from hlbench.models.resnest import ResNeSt
 from hlbench.models.resnet import ResNetV1c, ResNetV1s, ResNeXt, TorchvisionResNet
-from hlbench.models.segmentor import CascadeSegmentor, Segmentor
+from hlbench.models.segmentor import AuxiliaryHeads, CascadeSegmentor, Segmentor
 from hlbench.weights import resolve_pretrained
 
 BACKBONES = {"resnet_v1c": ResNetV1c, "resnet_v1s": ResNetV1s, "torchvision_resnet": TorchvisionResNet,
              "resnext": ResNeXt, "resnest": ResNeSt,
-             "mobilenet_v2": MobileNetV2, "mobilenet_v3": MobileNetV3, "hrnet": HRNet}
+             "mobilenet_v2": MobileNetV2, "mobilenet_v3": MobileNetV3, "hrnet": HRNet,
+             "bisenetv2": BiSeNetV2}
 HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead,
          "aspp_plus": ASPPPlusHead, "uper": UPerHead, "ocr": OCRHead, "ann": ANNHead, "cc": CCHead, "ema": EMAHead,
          "gc": GCHead, "isa": ISAHead, "nl": NLHead, "psa": PSAHead, "lraspp": LRASPPHead}
@@ -77,12 +79,34 @@ def _stages_read(head_cfgs, num_stages) -> set[int]:
     return {i % num_stages for i in read}
 
 
+def aux_head_configs(model_cfg) -> dict[str, dict]:
+    """{config section: head config} of the auxiliary heads a model config declares. `aux` is one head (a mapping;
+    none when empty or `enabled: false`) or, as mmseg's `auxiliary_head` list, several (sections aux.0, aux.1, ...).
+    Each is an FCN head without input concatenation unless it says otherwise. A head's `loss_weight` is the loss's,
+    not the head's (aux_loss_weights)."""
+    aux = model_cfg.get("aux") or {}
+    if isinstance(aux, (list, ListConfig)):
+        heads = {f"aux.{i}": dict(head) for i, head in enumerate(aux)}
+    else:
+        aux = dict(aux)
+        heads = {"aux": aux} if aux.pop("enabled", bool(aux)) else {}
+    return {section: {"type": "fcn", "concat_input": False, **head} for section, head in heads.items()}
+
+
+def aux_loss_weights(model_cfg, default: float) -> dict[str, float]:
+    """{model output key: loss weight} of the auxiliary heads: "aux" for one head, "aux_<i>" for head i of a list
+    (AuxiliaryHeads), weighted by their `loss_weight`, else by `default` (loss.aux_weight)."""
+    return {section.replace(".", "_"): float(head.get("loss_weight", default))
+            for section, head in aux_head_configs(model_cfg).items()}
+
+
 def build_model(model_cfg, num_classes, hl=None, *, weights_dir=None):
     """Segmentor from a model config; with hl.enabled, plus the HL head: a fresh copy of the decode head with one
     output.
 
     Args:
-        model_cfg: dict/DictConfig with backbone, head, aux and align_corners (see hlbench/conf/model/).
+        model_cfg: dict/DictConfig with backbone, head, aux (one head or a list: aux_head_configs) and
+            align_corners (see hlbench/conf/model/).
         hl: the run config's `hl` node, or None for a model without the HL head. Read here: enabled,
             detach_features (default true) and head_channels (default null). head_channels N makes the light HL
             head: the copy with N channels, reading the backbone stages it uses through 1×1 projections to N
@@ -123,11 +147,12 @@ def build_model(model_cfg, num_classes, hl=None, *, weights_dir=None):
         return CascadeHead([_build_head(stage0_cfg, stage_channels, num_classes, align_corners, "head.stage0"), head])
 
     decode_head = decode(num_classes)
-    aux_cfg = dict(cfg.get("aux") or {})
-    auxiliary_head = None
-    if aux_cfg.pop("enabled", bool(aux_cfg)):
-        aux_cfg = {"type": "fcn", "concat_input": False, **aux_cfg}
-        auxiliary_head = _build_head(aux_cfg, channels, num_classes, align_corners, section="aux")
+    aux_heads = [_build_head({k: v for k, v in aux_cfg.items() if k != "loss_weight"}, channels, num_classes,
+                             align_corners, section) for section, aux_cfg in aux_head_configs(cfg).items()]
+    if isinstance(cfg.get("aux"), list):
+        auxiliary_head = AuxiliaryHeads(aux_heads)
+    else:
+        auxiliary_head = aux_heads[0] if aux_heads else None
     # As the authors' hl_encoder_decoder.py: the HL branch copies the decode-head config with num_classes=1;
     # the aux head is not copied. A cascade copies every stage. U2PL's representation head is not part of the
     # segmentation path either, so the copy goes without it (semisup.md §5).

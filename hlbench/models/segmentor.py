@@ -23,10 +23,19 @@ def _pair(v):
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+class AuxiliaryHeads(nn.ModuleList):
+    """mmseg's list of auxiliary heads (checkpoint keys auxiliary_head.<i>.*, as BiSeNetV2's four): their logits
+    under "aux_<i>", mmseg's log prefix for head i."""
+
+    def forward(self, inputs):
+        return {f"aux_{i}": head(inputs) for i, head in enumerate(self)}
+
+
 class Segmentor(nn.Module):
     """Backbone + decode head (+ auxiliary head) (+ HL head); attribute names follow mmseg's EncoderDecoder.
 
     Args:
+        auxiliary_head: one head (output "aux") or AuxiliaryHeads (outputs "aux_<i>").
         hl_head: the HL branch D, a copy of the decode head with one output channel (authors' hl_encoder_decoder.py).
         detach_hl_features: feed the HL head detached features, so no HL gradient reaches the backbone.
     """
@@ -40,8 +49,8 @@ class Segmentor(nn.Module):
         self.num_classes = decode_head.num_classes
 
     def forward(self, img, feature_perturbation=False):
-        """Logits at decoder resolution: {"out"} in eval mode; plus "aux" and "hl" (raw D) when training, and the
-        decode head's own extras (U2PL's "rep", see DecodeHead.outputs).
+        """Logits at decoder resolution: {"out"} in eval mode; plus "aux" (or "aux_<i>") and "hl" (raw D) when
+        training, and the decode head's own extras (U2PL's "rep", see DecodeHead.outputs).
 
         Args:
             feature_perturbation: also return "out_fp", the decode head's logits on Dropout2d(0.5)-perturbed
@@ -53,7 +62,8 @@ class Segmentor(nn.Module):
         if not self.training:
             return out
         if self.auxiliary_head is not None:
-            out["aux"] = self.auxiliary_head(feats)
+            aux = self.auxiliary_head(feats)
+            out.update(aux if isinstance(aux, dict) else {"aux": aux})
         if self.hl_head is not None:
             hl_feats = tuple(f.detach() for f in feats) if self.detach_hl_features else feats
             out["hl"] = self.hl_head(hl_feats)
