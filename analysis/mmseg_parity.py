@@ -5,6 +5,7 @@ the tests:
     python3 -m venv /tmp/mmseg-venv
     /tmp/mmseg-venv/bin/pip install torch==2.14.1 torchvision==0.29.1 mmcv-lite==2.1.0 mmengine \
         mmsegmentation==1.2.2 ftfy regex omegaconf
+    /tmp/mmseg-venv/bin/pip install mmpretrain==1.2.0   # for upernet_convnext_b's ConvNeXt
     PYTHONPATH=. /tmp/mmseg-venv/bin/python analysis/mmseg_parity.py [--size 97] [--width W] [--models ...]
 Each mmseg model is randomly initialised (BN statistics too), saved as an mmseg 1.x checkpoint, loaded into the
 hlbench model of the same config with hlbench.models.load_checkpoint, and both are run in eval mode on one image.
@@ -186,6 +187,38 @@ MMSEG_MODELS.update({
     "fcn_hr18s": dict(backbone=_hrnet(channels=W18, **W18_SMALL), **_hrnet_heads(W18, ocr=False)),
     "fcn_hr18": dict(backbone=_hrnet(channels=W18, **W18_W48), **_hrnet_heads(W18, ocr=False)),
 })
+
+
+def _segformer(embed_dims, num_layers):
+    """mmseg's segformer_mit-b* models: MixVisionTransformer (heads 1, 2, 5, 8) + SegformerHead, no auxiliary head."""
+    backbone = dict(type="MixVisionTransformer", embed_dims=embed_dims, num_stages=4, num_layers=num_layers,
+                    num_heads=[1, 2, 5, 8], patch_sizes=[7, 3, 3, 3], sr_ratios=[8, 4, 2, 1], out_indices=(0, 1, 2, 3),
+                    mlp_ratio=4, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.1)
+    head = _head("SegformerHead", in_channels=[embed_dims * n for n in (1, 2, 5, 8)], in_index=[0, 1, 2, 3],
+                 channels=256)
+    return dict(backbone=backbone, decode_head=head, auxiliary_head=None)
+
+
+UPER_BASE = dict(in_channels=[128, 256, 512, 1024], in_index=[0, 1, 2, 3], channels=512, pool_scales=(1, 2, 3, 6))
+# The transformer-era rows (breadth.md §1): UPerNet on mmpretrain's ConvNeXt-B (mmseg's upernet_convnext) and on
+# mmseg's Swin-B window 12 (swin-base-patch4-window12-in22k-384x384-pre_upernet), aux FCN on stage 3 (512 channels);
+# SegFormer MiT-B0/B3/B5.
+MMSEG_MODELS.update({
+    "upernet_convnext_b": dict(
+        backbone=dict(type="mmpretrain.ConvNeXt", arch="base", out_indices=[0, 1, 2, 3], drop_path_rate=0.4,
+                      layer_scale_init_value=1.0, gap_before_final_norm=False),
+        decode_head=_head("UPerHead", **UPER_BASE), auxiliary_head=_aux(512)),
+    "upernet_swin_b": dict(
+        backbone=dict(type="SwinTransformer", pretrain_img_size=384, embed_dims=128, patch_size=4, window_size=12,
+                      mlp_ratio=4, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], strides=(4, 2, 2, 2),
+                      out_indices=(0, 1, 2, 3), qkv_bias=True, qk_scale=None, patch_norm=True, drop_rate=0.0,
+                      attn_drop_rate=0.0, drop_path_rate=0.3, use_abs_pos_embed=False, act_cfg=dict(type="GELU"),
+                      norm_cfg=dict(type="LN")),
+        decode_head=_head("UPerHead", **UPER_BASE), auxiliary_head=_aux(512)),
+    "segformer_mit_b0": _segformer(32, [2, 2, 2, 2]),
+    "segformer_mit_b3": _segformer(64, [3, 4, 18, 3]),
+    "segformer_mit_b5": _segformer(64, [3, 6, 40, 3]),
+})
 # Models that need a larger input than --size: LR-ASPP's fixed 49×49 image pool needs a 1/8 map of 49×49 or more.
 MIN_SIZES = {"lraspp_mobilenetv3": 401}
 
@@ -195,6 +228,8 @@ def build_mmseg(body):
     from mmseg.utils import register_all_modules
 
     register_all_modules()
+    if body["backbone"]["type"].startswith("mmpretrain."):
+        import mmpretrain.models  # noqa: F401  (registers ConvNeXt in mmpretrain's scope; needs mmpretrain 1.2.0)
     cfg = {"type": "EncoderDecoder", "data_preprocessor": dict(type="SegDataPreProcessor"), "pretrained": None,
            "train_cfg": dict(), "test_cfg": dict(mode="whole"), "auxiliary_head": _aux(), **body}
     model = MODELS.build(cfg)
@@ -211,6 +246,9 @@ def build_mmseg(body):
         for tensor in model.parameters():
             if not tensor.any():
                 tensor.normal_(0, 0.2)
+            # Parameters initialised to ones (LayerNorm weights, ConvNeXt's layer scale 1.0) would hide a swap.
+            elif bool((tensor == 1).all()):
+                tensor.uniform_(0.5, 1.5)
     return model.eval()
 
 
@@ -256,7 +294,11 @@ def compare_training(name, theirs, ours, size):
     _train_without_dropout(theirs)
     _train_without_dropout(ours)
     img = torch.randn(2, 3, *size, dtype=torch.float64)
+    # One seed before each forward: stochastic depth (one draw per sample and block, in block order in both) then
+    # drops the same paths in both models.
+    torch.manual_seed(1)
     ref = _mmseg_decode(theirs, theirs.extract_feat(img))
+    torch.manual_seed(1)
     out = ours(img)["out"]
     ref.sum().backward()
     out.sum().backward()

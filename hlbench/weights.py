@@ -31,6 +31,8 @@ from .suites import load_suite
 
 NONE = "none"
 OPENMMLAB_BASE_URL = "https://download.openmmlab.com/pretrain/third_party/"
+MMCLS_CONVNEXT_URL = "https://download.openmmlab.com/mmclassification/v0/convnext/downstream/"
+MMSEG_PRETRAIN_URL = "https://download.openmmlab.com/mmsegmentation/v0.5/pretrain/"
 CHUNK = 1 << 20
 
 
@@ -64,6 +66,23 @@ KNOWN_WEIGHTS = {
         "b5a04e21", "mmcv open-mmlab://msra/hrnetv2_w18_small (HRNetV2-W18-Small, ImageNet)"),
     "hrnetv2_w18-00eb2006.pth": KnownFile("00eb2006", "mmcv open-mmlab://msra/hrnetv2_w18 (HRNetV2-W18, ImageNet)"),
     "hrnetv2_w48-d2186c55.pth": KnownFile("d2186c55", "mmcv open-mmlab://msra/hrnetv2_w48 (HRNetV2-W48, ImageNet)"),
+    # mmcls' ports of the official ConvNeXt-B files (keys under `backbone.`; of the four output norms at most norm3,
+    # the classifier's final norm): the in1k one without EMA starts mmseg's Cityscapes UPerNet, the in21k one its
+    # ADE20K UPerNet.
+    "convnext-base_3rdparty_32xb128-noema_in1k_20220301-2a0ee547.pth": KnownFile(
+        "2a0ee547", "mmcls convnext-base 3rdparty noema (ConvNeXt-B, ImageNet-1k)", MMCLS_CONVNEXT_URL),
+    "convnext-base_3rdparty_in21k_20220301-262fd037.pth": KnownFile(
+        "262fd037", "mmcls convnext-base 3rdparty in21k (ConvNeXt-B, ImageNet-21k)", MMCLS_CONVNEXT_URL),
+    # The official Swin-B 22k (window 12, 384) and NVlabs MiT files after mmseg's swin2mmseg / mit2mmseg key
+    # conversion: they load under mmseg's names as they are.
+    "swin_base_patch4_window12_384_22k_20220317-e5c09f74.pth": KnownFile(
+        "e5c09f74", "mmseg pretrain/swin (Swin-B window 12, 384, ImageNet-22k)", MMSEG_PRETRAIN_URL + "swin/"),
+    "mit_b0_20220624-7e0fe6dd.pth": KnownFile("7e0fe6dd", "mmseg pretrain/segformer (MiT-B0, ImageNet-1k)",
+                                              MMSEG_PRETRAIN_URL + "segformer/"),
+    "mit_b3_20220624-13b1141c.pth": KnownFile("13b1141c", "mmseg pretrain/segformer (MiT-B3, ImageNet-1k)",
+                                              MMSEG_PRETRAIN_URL + "segformer/"),
+    "mit_b5_20220624-658746d9.pth": KnownFile("658746d9", "mmseg pretrain/segformer (MiT-B5, ImageNet-1k)",
+                                              MMSEG_PRETRAIN_URL + "segformer/"),
     # The semi-supervised references' deep-stem ResNet-101 (U2PL's and UniMatch's READMEs link their own Google
     # Drive uploads, not known to differ; UniMatch's: https://drive.google.com/file/d/13jNMOEYkqBC3CimlSSw-sWRHVZEeROmK)
     "resnet101.pth": KnownFile("", "U2PL / UniMatch ImageNet ResNet-101 (deep stem), no checksum published",

@@ -8,24 +8,29 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from hlbench.errors import ConfigError
 from hlbench.models.attention_heads import ANNHead, CCHead, EMAHead, GCHead, ISAHead, NLHead, PSAHead
 from hlbench.models.bisenetv2 import BiSeNetV2
+from hlbench.models.convnext import ConvNeXt
 from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, ConvBNReLU, DepthwiseSeparableASPPHead,
                                   FCNHead, OCRHead, ProjectedHead, PSPHead, UPerHead)
 from hlbench.models.hrnet import HRNet
 from hlbench.models.lraspp_head import LRASPPHead
+from hlbench.models.mit import MixVisionTransformer
 from hlbench.models.mobilenet import MobileNetV2, MobileNetV3
 from hlbench.models.pretrained import load_pretrained
 from hlbench.models.resnest import ResNeSt
 from hlbench.models.resnet import ResNetV1c, ResNetV1s, ResNeXt, TorchvisionResNet
+from hlbench.models.segformer_head import SegformerHead
 from hlbench.models.segmentor import AuxiliaryHeads, CascadeSegmentor, Segmentor
+from hlbench.models.swin import SwinTransformer
 from hlbench.weights import resolve_pretrained
 
 BACKBONES = {"resnet_v1c": ResNetV1c, "resnet_v1s": ResNetV1s, "torchvision_resnet": TorchvisionResNet,
              "resnext": ResNeXt, "resnest": ResNeSt,
              "mobilenet_v2": MobileNetV2, "mobilenet_v3": MobileNetV3, "hrnet": HRNet,
-             "bisenetv2": BiSeNetV2}
+             "bisenetv2": BiSeNetV2, "convnext": ConvNeXt, "swin": SwinTransformer, "mit": MixVisionTransformer}
 HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead,
          "aspp_plus": ASPPPlusHead, "uper": UPerHead, "ocr": OCRHead, "ann": ANNHead, "cc": CCHead, "ema": EMAHead,
-         "gc": GCHead, "isa": ISAHead, "nl": NLHead, "psa": PSAHead, "lraspp": LRASPPHead}
+         "gc": GCHead, "isa": ISAHead, "nl": NLHead, "psa": PSAHead, "lraspp": LRASPPHead,
+         "segformer": SegformerHead}
 # Heads with a low-level skip; build_model derives its input width from c1_in_index.
 C1_HEADS = (DepthwiseSeparableASPPHead, ASPPPlusHead)
 # Heads that refine a previous stage's logits; their config holds that stage under `stage0` (OCRNet: an FCN head).
