@@ -4,8 +4,11 @@ Unknown keys are already rejected by Hydra (the composed config is in struct mod
 """
 from __future__ import annotations
 
+from omegaconf import OmegaConf
+
 from .engine.evaluator import EVAL_MODES
-from .engine.optim import OPTIMIZERS
+from .engine.optim import LR_SCHEDULES, OPTIMIZERS
+from .engine.param_groups import LAYER_DECAY_TYPES
 from .errors import ConfigError
 from .engine.precision import PRECISIONS
 from .hardness import IMAGE_REDUCTIONS
@@ -26,6 +29,7 @@ CHOICES = {
     "loss.ce_denominator": DENOMINATORS,
     "loss.name": LOSS_NAMES,
     "optim.name": OPTIMIZERS,
+    "optim.lr_schedule": LR_SCHEDULES,
     "train.norm": ("bn", "syncbn"),
     "train.precision": PRECISIONS,
     "eval.mode": EVAL_MODES,
@@ -86,3 +90,43 @@ def check_config(cfg) -> None:
     if channels is not None and (not isinstance(channels, int) or isinstance(channels, bool) or channels < 1):
         raise ConfigError(f"hl.head_channels={channels!r} is not valid; expected null (the decode head's) or an "
                           f"integer >= 1")
+    _check_paramwise(cfg.optim.paramwise)
+
+
+def _multiplier(key, value, nullable=False) -> None:
+    if value is None and nullable:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{key}={value!r} is not valid; expected a number >= 0{' or null' if nullable else ''}")
+
+
+def _check_paramwise(paramwise) -> None:
+    """optim.paramwise (engine/param_groups.py): multipliers are numbers >= 0, custom keys set only lr_mult and
+    decay_mult, and layer_decay, which replaces the other rules as in mmseg, comes alone."""
+    for name, rule in (paramwise.custom_keys or {}).items():
+        where = f"optim.paramwise.custom_keys.{name}"
+        if not OmegaConf.is_dict(rule) or not rule or set(rule) - {"lr_mult", "decay_mult"}:
+            raise ConfigError(f"{where}={rule!r} is not valid; expected {{lr_mult: x, decay_mult: y}} (either or both)")
+        for key, value in rule.items():
+            _multiplier(f"{where}.{key}", value)
+    for key in ("norm_decay_mult", "bias_decay_mult"):
+        _multiplier(f"optim.paramwise.{key}", paramwise[key], nullable=True)
+    decay = paramwise.layer_decay
+    if decay is None:
+        return
+    if not OmegaConf.is_dict(decay) or set(decay) != {"type", "rate", "num_layers"}:
+        raise ConfigError(f"optim.paramwise.layer_decay={decay!r} is not valid; expected null or {{type: stage_wise, "
+                          f"rate: r, num_layers: n}}")
+    if decay.type not in LAYER_DECAY_TYPES:
+        raise ConfigError(f"optim.paramwise.layer_decay.type={decay.type!r} is not valid; expected one of "
+                          f"{', '.join(LAYER_DECAY_TYPES)}")
+    if not isinstance(decay.rate, (int, float)) or isinstance(decay.rate, bool) or not 0 < decay.rate <= 1:
+        raise ConfigError(f"optim.paramwise.layer_decay.rate={decay.rate!r} is not valid; expected a number in (0, 1]")
+    if not isinstance(decay.num_layers, int) or isinstance(decay.num_layers, bool) or decay.num_layers < 1:
+        raise ConfigError(f"optim.paramwise.layer_decay.num_layers={decay.num_layers!r} is not valid; expected an "
+                          f"integer >= 1")
+    others = ["custom_keys"] if paramwise.custom_keys else []
+    others += [k for k in ("norm_decay_mult", "bias_decay_mult") if paramwise[k] is not None]
+    if others:
+        raise ConfigError(f"optim.paramwise.layer_decay replaces the other paramwise rules (mmseg's "
+                          f"LearningRateDecayOptimizerConstructor); remove optim.paramwise.{others[0]}")

@@ -23,7 +23,7 @@ _OPTIMIZER_STATE = {"sgd": 1, "adamw": 2}
 @dataclass(frozen=True)
 class MemoryEstimate:
     activations: float  # bytes saved for backward
-    weights: float      # parameters + gradients + optimiser state (+ bf16 weight copies under autocast)
+    weights: float      # parameters + gradients + optimiser state (+ 16-bit weight copies under autocast)
     images: int
     crop: tuple[int, int]
     precision: str
@@ -116,23 +116,24 @@ def estimate_train_memory(cfg, num_classes: int, images: int, crop, labeled: int
 
     Every stream's images go through the model once, the first `labeled` (default: all) into the labelled loss
     (the semi-supervised methods' other losses and extra passes, e.g. UniMatch's perturbed views, are not
-    counted). bf16 counts the model's activations in bf16 and the losses in fp32, as autocast computes them.
+    counted). bf16 and fp16 count the model's activations in 16 bits and the losses in fp32, as autocast computes
+    them.
     """
     from .methods.labelled_loss import LabelledLoss
     from .models import build_model
 
     h, w = (int(v) for v in crop)
-    bf16 = cfg.train.precision == "bf16"
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model_cfg["backbone"]["pretrained"] = "none"  # the shapes, not the weights
     with torch.device("meta"):
         model = build_model(model_cfg, num_classes, hl=cfg.hl).train()
-    if bf16:
-        model = model.to(torch.bfloat16)
+    if half is not None:
+        model = model.to(half)
     params = [p for p in model.parameters() if p.requires_grad]
     labeled = images if labeled is None else labeled
     loss = LabelledLoss(cfg, labeled)
-    img = torch.zeros(images, 3, h, w, device="meta", dtype=torch.bfloat16 if bf16 else torch.float32)
+    img = torch.zeros(images, 3, h, w, device="meta", dtype=half or torch.float32)
     label = torch.zeros(labeled, h, w, device="meta", dtype=torch.int64)
 
     def step():
@@ -141,7 +142,7 @@ def estimate_train_memory(cfg, num_classes: int, images: int, crop, labeled: int
     activations = saved_activation_bytes(step, exclude=params)
     n_params = sum(p.numel() for p in params)
     copies = 2 + _OPTIMIZER_STATE.get(cfg.optim.name, 1)  # fp32 weights and gradients + optimiser state
-    weights = n_params * 4 * copies + (n_params * 2 if bf16 else 0)
+    weights = n_params * 4 * copies + (n_params * 2 if half is not None else 0)
     return MemoryEstimate(float(activations), float(weights), images, (h, w), cfg.train.precision)
 
 

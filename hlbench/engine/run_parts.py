@@ -18,6 +18,7 @@ from ..methods import Method, Stream, build_method
 from ..models import build_model
 from .distributed import BatchPlan, DistInfo, plan_batches
 from .optim import build_optimizer
+from .param_groups import describe_groups
 from .precision import allow_tf32
 
 log = logging.getLogger("hlbench")
@@ -74,7 +75,9 @@ def build_run(cfg, info: DistInfo) -> RunParts:
     plan = plan_batches({name: (s.batch_size, s.key) for name, s in streams.items()}, info.world_size,
                         cfg.train.max_batch_per_device)
     method.setup(model, plan)
-    optimizer = build_optimizer(method.param_groups(model), cfg.optim)
+    groups = method.param_groups(model)
+    log.info("optimiser param groups: %s", describe_groups(groups))
+    optimizer = build_optimizer(groups, cfg.optim)
     return RunParts(datasets=datasets, split=split_record(cfg.data), classes=classes,
                     palette=datasets["train"].palette, model=model, method=method, streams=streams,
                     plan=plan, optimizer=optimizer)

@@ -35,7 +35,7 @@ from .distributed import DistInfo, all_reduce_mean, any_rank, barrier, host_grou
 from .evaluator import evaluate, hardness_kinds, protocol_of
 from .nonfinite import NonFiniteGuard
 from .optim import lr_at, set_lr
-from .precision import autocast
+from .precision import autocast, grad_scaler
 from .preemption import REQUEUE_EXIT, StopSignals, stop_exit_status
 from .run_parts import build_run, uses_channels_last
 from .summary import run_summary
@@ -78,6 +78,7 @@ class Trainer:
         self.host_group = host_group()  # ranks agree on stop requests and skips without a GPU sync
         self.checkpoints = ckpt.Checkpoints(run_dir / "checkpoints", int(cfg.train.keep_checkpoints))
         self.guard = NonFiniteGuard(int(cfg.train.skip_nonfinite), self.host_group, self.checkpoints.last_good)
+        self.scaler = grad_scaler(self.device, cfg.train.precision)
         self.selection = BestSelection(cfg.eval.select_from or self.method.select_from(), self.protocol,
                                        self.classes, self.checkpoints, info.is_main)
         self.step_times: list[float] = []  # per logging window, for the s/iter reported next to the paper's
@@ -108,6 +109,8 @@ class Trainer:
         if cfg.resume and (state := self.checkpoints.latest()) is not None:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("scaler"):  # fp16's loss scale and its growth count; empty for the other precisions
+                self.scaler.load_state_dict(state["scaler"])
             self.method.load_state_dict(state.get("method", {}))
             self.selection.best = state.get("best")
             self.guard.skipped = list(state.get("skipped_nonfinite", []))
@@ -219,13 +222,17 @@ class Trainer:
                 sync = micro == accum - 1 or info.world_size == 1
                 with (nullcontext() if sync else train_model.no_sync()), autocast(self.device, cfg.train.precision):
                     loss, logs = self.method.step(train_model, batches, it)
-                (loss / accum).backward()
+                self.scaler.scale(loss / accum).backward()
                 step_logs.append(logs)
             done, step = it + 1, _merged(step_logs, accum)
             if not self.guard.skip(done, step, [self.model.state_dict(), self.method.state_dict()]):
                 if cfg.train.grad_clip:
+                    self.scaler.unscale_(self.optimizer)  # fp16: clip the true gradients, not the scaled ones
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
-                self.optimizer.step()
+                # fp16: a step whose gradients overflowed is skipped here and the scale halved, as mmcv's
+                # Fp16OptimizerHook does; its loss was finite, so it is no fault for the guard above.
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
                 self.method.after_step(self.model, done)
                 window.add(done, step)
             window.n += 1
@@ -235,6 +242,8 @@ class Trainer:
             if done % cfg.train.log_interval == 0 or done == self.total:
                 self.guard.check(window.steps)
                 record = window.record(lr, done, self.device)
+                if self.scaler.is_enabled():
+                    record["loss_scale"] = self.scaler.get_scale()
                 self.tracker.log("train", done, record)
                 self.step_times.append(record["time"])
                 bar.set_postfix(loss=f"{record.get('loss', math.nan):.3f}", data=f"{record['data_time']:.3f}s",
@@ -329,6 +338,7 @@ class Trainer:
         if self.info.is_main:
             self.checkpoints.save(it, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "method": self.method.state_dict(), "iter": it, "best": self.selection.best,
                 "skipped_nonfinite": self.guard.skipped, "bad_samples": bad_samples, "ranks": ranks,
                 "train_time_s": self.train_time_before + time.perf_counter() - self.fit_start,

@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from omegaconf import OmegaConf
 
+from hlbench.engine.param_groups import param_groups
 from hlbench.errors import BadFileError, ConfigError
 
 
@@ -66,19 +68,15 @@ class Method:
         return model, "student"
 
     def lr_multipliers(self) -> dict[str, float]:
-        """{parameter-name prefix: lr multiplier}; the HL branch's comes from hl.lr_mult, others from method.lr_mult."""
+        """{parameter-name prefix: lr multiplier}, on top of the recipe's optim.paramwise; the HL branch's comes from
+        hl.lr_mult, others from method.lr_mult."""
         mults = {str(k): float(v) for k, v in (self.cfg.method.get("lr_mult") or {}).items()}
         return {"hl_head.": float(self.cfg.hl.lr_mult), **mults}
 
     def param_groups(self, model: torch.nn.Module) -> list[dict]:
-        """Optimiser param groups [{"params", "lr_mult"}]: each parameter takes the first matching prefix's mult."""
-        mults = self.lr_multipliers()
-        groups: dict[float, list] = {}
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                mult = next((m for prefix, m in mults.items() if name.startswith(prefix)), 1.0)
-                groups.setdefault(mult, []).append(param)
-        return [{"params": params, "lr_mult": mult} for mult, params in groups.items()]
+        """Optimiser param groups [{"params", "lr_mult", "decay_mult"}] (engine/param_groups.py decides each
+        parameter's multipliers from optim.paramwise and lr_multipliers())."""
+        return param_groups(model, OmegaConf.select(self.cfg, "optim.paramwise"), self.lr_multipliers())
 
     def select_from(self) -> str:
         """Which periodic evaluations may select best.pth when eval.select_from is null: all | final_protocol."""
