@@ -7,8 +7,9 @@ tests:
 For each transformer row, mmseg builds the real model (analysis/mmseg_parity.py's MMSEG_MODELS) with a copy of its
 decode head named hl_head, as hlbench names the HL branch; the authors' optimiser config then goes through mmengine's
 DefaultOptimWrapperConstructor (Swin, SegFormer) or mmseg's LearningRateDecayOptimizerConstructor (ConvNeXt), and the
-hlbench recipe's optim node through hlbench's param groups, on that same module. Every trainable parameter's lr and
-weight decay must agree. Then mmengine's LinearLR + PolyLR, stepped once per iteration over a whole schedule, are
+hlbench recipe's optim node through hlbench's param groups, on that same module and on hlbench's own model of the row
+(built with its HL branch, through Method.param_groups). Every trainable parameter's lr and weight decay must agree,
+name by name. Then mmengine's LinearLR + PolyLR, stepped once per iteration over a whole schedule, are
 compared with hlbench's lr_schedule=mmengine for a x1 and a x10 group.
 """
 import argparse
@@ -20,10 +21,14 @@ import sys
 
 import torch
 
-from mmseg_parity import MMSEG_MODELS, _stub_mmcv_ops, build_mmseg  # this script's folder is on sys.path
+from mmseg_parity import MMSEG_MODELS, NUM_CLASSES, _stub_mmcv_ops, build_mmseg  # this script's folder is on sys.path
+from omegaconf import OmegaConf
+
 from hlbench.compose import compose
 from hlbench.engine.optim import build_optimizer, lr_at, set_lr
 from hlbench.engine.param_groups import param_groups
+from hlbench.methods import build_method
+from hlbench.models import build_model
 
 ADAMW = dict(type="AdamW", betas=(0.9, 0.999))
 # model config -> (hlbench recipe, the authors' mmseg optimiser: constructor, optimizer, paramwise_cfg), as the config
@@ -74,18 +79,33 @@ def compare_groups(name: str) -> bool:
         wrapper = build(dict(type="OptimWrapper", optimizer=optimizer), paramwise)(model)
     theirs = _per_param(model, wrapper.optimizer)
 
-    optim = recipe_optim(recipe)
-    ours_opt = build_optimizer(param_groups(model, optim.paramwise, {"hl_head.": 1.0}), optim)
-    set_lr(ours_opt, optim.lr)
-    ours = _per_param(model, ours_opt)
+    cfg = compose([f"recipe={recipe}", f"model={name}", "hl.enabled=true"])
+    ok = _agrees(f"{name} mmseg model ({constructor} vs recipe={recipe})", theirs, cfg.optim,
+                 _per_param(model, _hlbench_optimizer(param_groups(model, cfg.optim.paramwise, {"hl_head.": 1.0}),
+                                                      cfg.optim)))
+    # hlbench's own model (its HL copy of the decode head included) through the run's Method.param_groups.
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg["backbone"]["pretrained"] = "none"
+    net = build_model(model_cfg, NUM_CLASSES, hl=cfg.hl)
+    return ok and _agrees(f"{name} hlbench model (Method.param_groups)", theirs, cfg.optim,
+                          _per_param(net, _hlbench_optimizer(build_method(cfg).param_groups(net), cfg.optim)))
 
-    lr_diff = max(abs(ours[n][0] - theirs[n][0]) / theirs[n][0] for n in theirs)
-    wd_diff = [n for n in theirs if ours[n][1] != theirs[n][1]]
+
+def _hlbench_optimizer(groups, optim):
+    optimizer = build_optimizer(groups, optim)
+    set_lr(optimizer, optim.lr)
+    return optimizer
+
+
+def _agrees(what, theirs, optim, ours) -> bool:
+    lr_diff = max(abs(ours[n][0] - theirs[n][0]) / theirs[n][0] for n in theirs.keys() & ours.keys())
+    wd_diff = [n for n in theirs.keys() & ours.keys() if ours[n][1] != theirs[n][1]]
+    names = sorted(theirs.keys() ^ ours.keys())
     combos = sorted({(round(lr / optim.lr, 6), wd) for lr, wd in theirs.values()}, reverse=True)
-    ok = ours.keys() == theirs.keys() and lr_diff < 1e-12 and not wd_diff
-    print(f"{name} ({constructor} vs recipe={recipe}): {len(theirs)} parameters, {len(combos)} (lr x, wd) "
-          f"settings {combos}; max relative lr difference {lr_diff:.1e}, weight decays differing: {len(wd_diff)} "
-          f"{wd_diff[:3]} -> {'OK' if ok else 'MISMATCH'}")
+    ok = not names and lr_diff < 1e-12 and not wd_diff
+    print(f"{what}: {len(theirs)} parameters, {len(combos)} (lr x, wd) settings {combos}; names in one only: "
+          f"{len(names)} {names[:3]}, max relative lr difference {lr_diff:.1e}, weight decays differing: "
+          f"{len(wd_diff)} {wd_diff[:3]} -> {'OK' if ok else 'MISMATCH'}")
     return ok
 
 
