@@ -45,7 +45,7 @@ from .models import build_model
 
 # The data config every model is timed with: its classes and normalisation (a --overrides data=... replaces it).
 BENCH_DATA = "cityscapes_769"
-# --tiny: the smoke profile's quarter-width ResNet-18 in place of each model, at toy sizes.
+# --tiny: the smoke profile's tiny model of each model's family in its place (hlbench/conf/model/tiny/), at toy sizes.
 TINY = {"size": 64, "batch": 2, "warmup": 1, "steps": 1, "eval_hw": (96, 160), "eval_crop": 64, "eval_stride": 48,
         "loader_hw": (128, 256)}
 
@@ -680,7 +680,7 @@ def main(argv=None) -> dict:
     p.add_argument("--overrides", nargs="+", default=[], help="Hydra overrides for every model, e.g. "
                    "model.backbone.depth=18")
     p.add_argument("--quick", action="store_true", help="the prepared GPU run (see quick_plan)")
-    p.add_argument("--tiny", action="store_true", help="toy sizes and the smoke profile's tiny backbone (CPU tests)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes and each model's tiny family model (CPU tests)")
     p.add_argument("--budget-s", type=float, default=None, help="skip groups once this many seconds have passed "
                    "(default: 450 with --quick, none otherwise)")
     p.add_argument("--out", type=Path, default=None, help="folder for bench.json and bench.md "

@@ -5,6 +5,7 @@ Unknown keys are already rejected by Hydra (the composed config is in struct mod
 from __future__ import annotations
 
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from .engine.evaluator import EVAL_MODES
 from .engine.optim import LR_SCHEDULES, OPTIMIZERS
@@ -52,8 +53,23 @@ def _get(cfg, key):
     return node
 
 
+def _resolve_all(cfg) -> None:
+    """Resolve every interpolation once, so a value derived from input (hlbench/epochs.py reads the split lists)
+    fails here with its own one-line ConfigError rather than OmegaConf's wrapper, wherever it is first read."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as err:
+        cause = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise ConfigError(f"{err.full_key}: {cause}") from None
+
+
 def check_config(cfg) -> None:
     """Raise ConfigError (one line) for the first invalid value."""
+    _resolve_all(cfg)
     for key, allowed in CHOICES.items():
         if (value := _get(cfg, key)) not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; expected one of {', '.join(map(str, allowed))}")

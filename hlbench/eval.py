@@ -19,6 +19,7 @@ from .config_checks import check_config
 from .engine.cores import set_intra_op_threads
 from .errors import ConfigError, MissingInputError
 from .run import launch
+from .suites import run_name
 
 log = logging.getLogger("hlbench")
 
@@ -123,6 +124,8 @@ def hydra_main(cfg: DictConfig) -> None:
         elif experiment is None:
             raise ConfigError("experiment=<name> (with checkpoint=<path>) or run=<run folder> is required: it defines "
                               "the model, data and test protocol")
+        else:
+            experiment = run_name(experiment, bool(cfg.hl.enabled))
         evaluate_checkpoint(cfg, experiment)
     except ConfigError as err:  # bad input: one line; anything else is a fault of ours and keeps its traceback
         print(f"error: {err}", file=sys.stderr)

@@ -53,7 +53,7 @@ def hardness_weights(hl_logits: torch.Tensor, *, offset: float = 0.1, scope: str
 def hardness_loss(pixel_loss: torch.Tensor, hl_logits: torch.Tensor, *, lam: float = 0.01, offset: float = 0.1,
                   scope: str = "batch", valid_mask: torch.Tensor | None = None, group_size: int = 2,
                   image_reduce: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (seg_loss, hl_loss, weights) for per-pixel losses (N, H, W) and HL logits (N[,1], H, W).
+    """Return (seg_loss, hl_loss, H) for per-pixel losses (N, H, W) and HL logits (N[,1], H, W).
 
     Args:
         pixel_loss: unreduced loss of the decode head at label resolution (0 at ignored pixels).
@@ -70,15 +70,15 @@ def hardness_loss(pixel_loss: torch.Tensor, hl_logits: torch.Tensor, *, lam: flo
                          f"and {tuple(hl_logits.shape)}")
     if image_reduce not in IMAGE_REDUCTIONS:
         raise ConfigError(f"hl image_reduce must be one of {IMAGE_REDUCTIONS}, got {image_reduce!r}")
-    weights = hardness_weights(hl_logits, offset=offset, scope=scope, valid_mask=valid_mask, group_size=group_size)
+    h = hardness_weights(hl_logits, offset=offset, scope=scope, valid_mask=valid_mask, group_size=group_size)
     pixel_loss = pixel_loss.float()
-    seg_loss = (weights.detach() * pixel_loss).sum()
-    hl_loss = -lam * (weights * pixel_loss.detach()).sum()
+    seg_loss = (h.detach() * pixel_loss).sum()
+    hl_loss = -lam * (h * pixel_loss.detach()).sum()
     if scope != "batch" and image_reduce == "mean":
         # Each image (group) sums to 1, so the plain sum is #images (#groups) times the baseline scale.
-        parts = weights.shape[0] if scope == "image" else weights.shape[0] // group_size
+        parts = h.shape[0] if scope == "image" else h.shape[0] // group_size
         seg_loss, hl_loss = seg_loss / parts, hl_loss / parts
-    return seg_loss, hl_loss, weights
+    return seg_loss, hl_loss, h
 
 
 def hardness_map(hl_logits: torch.Tensor, offset: float = 0.1) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .results_table import POINT_DIGITS, POINTS, mean_std, reference_rule_miou, text_table
 
 
-# profile=smoke trains a quarter-width ResNet-18 in place of each experiment's model (hlbench/conf/profile/smoke.yaml):
+# profile=smoke trains the tiny model of the family in place of each experiment's model (hlbench/compose.py):
 # the paper's numbers are no yardstick for its runs, so their tables say so instead of printing them.
 MODEL_REPLACING_PROFILES = ("smoke",)
 SMOKE_MODEL = "smoke model"

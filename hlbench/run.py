@@ -16,14 +16,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from .compose import compose, hydra_context
+from .compose import compose, hydra_context, with_smoke_model
 from .config_checks import check_config
 from .engine.cores import set_intra_op_threads
 from .engine.preemption import INTERRUPT_EXIT
 from .errors import ConfigError, RunStopped
 from .paths import experiments_dir
 from .report import comparison_table, methods_by_split_table
-from .suites import load_suite, paper_card, suite_file
+from .suites import load_suite, paper_card, run_name, run_overrides, suite_file
 from .tracking.run_folder import claimed_run_folder
 from .weights import require_pretrained
 
@@ -76,16 +76,20 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
     profile = choices.get("profile")
     experiment = choices.get("experiment")
     if experiment is not None:
-        plan = [(experiment, cfg)]
-        suite_name, table, layout, suite = None, experiment, None, None
+        if (smoke := with_smoke_model(overrides, cfg.model)) != list(overrides):
+            cfg = compose(smoke)  # profile=smoke: the tiny model of the experiment's family
+        name = run_name(experiment, bool(cfg.hl.enabled))
+        plan = [(name, cfg)]
+        suite_name, table, layout, suite = None, name, None, None
     else:
         suite = load_suite(cfg.suite)
         suite_name, table, layout = cfg.suite, suite.get("table", cfg.suite), suite.get("layout")
         if layout not in (None, "methods_by_split"):
             raise ConfigError(f"{suite_file(cfg.suite)}: layout={layout!r}; expected methods_by_split or none")
-        # Each suite member is composed as if the user had typed experiment=<member> plus their overrides.
+        # Each suite member is composed as if the user had typed experiment=<member> hl.enabled=<its hl> plus their
+        # overrides.
         keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("suite", "experiment")]
-        plan = [(name, compose(keep + [f"experiment={name}"])) for name in suite.experiments]
+        plan = [(r.name, compose(keep + run_overrides(r.name))) for r in suite.runs]
     # Every run's config, weights and data folders are checked before the first starts: a suite never stops hours in.
     for name, c in plan:
         check_config(c)

@@ -161,7 +161,8 @@ def _suite_experiments(suite: str | None) -> dict[str, list[str]]:
     if suite is not None and suite not in suites:
         raise ConfigError(f"--suite {suite}: no file {experiments_dir() / 'suites' / (suite + '.yaml')}; "
                           f"known suites: {', '.join(suites)}")
-    return {s: list(load_suite(s).experiments) for s in ([suite] if suite else suites)}
+    # The HL row of an experiment needs the same file as its baseline.
+    return {s: list(dict.fromkeys(r.experiment for r in load_suite(s).runs)) for s in ([suite] if suite else suites)}
 
 
 def needed_weights(suite: str | None = None) -> dict[str, dict[str, list[str]]]:

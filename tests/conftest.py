@@ -21,6 +21,9 @@ EXPERIMENTS = REPO / "experiments"
 TINY = ["profile=smoke", "logger=none", "train.iters=4", "train.ckpt_interval=2", "train.log_interval=2",
         "train.hl_map_interval=2", "data.train.num_images=16", "data.val.num_images=4", "data.val.size=[64,64]",
         "data.train.size=[80,80]", "data.train_pipeline.resize.scale=[80,80]", "data.train_pipeline.crop=[64,64]"]
+# The smoke suite's HL row (its experiment with hl.enabled=true) and that run's name.
+SMOKE_HL = ["experiment=smoke/pspnet_r18_tiny", "hl.enabled=true"]
+SMOKE_HL_RUN = "smoke/pspnet_r18_tiny+hl"
 
 
 @pytest.fixture(autouse=True)

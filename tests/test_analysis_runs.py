@@ -89,7 +89,7 @@ def test_format_table_keeps_a_pipe_inside_one_cell():
 
 
 def _repeat(root, folder, miou, mtime):
-    run_dir = root / "smoke" / "smoke-hl" / folder
+    run_dir = root / "smoke" / "smoke-pspnet_r18_tiny+hl" / folder
     _write_run(run_dir, hl=True, seed=0, miou=miou, suite="smoke")
     os.utime(run_dir / "summary.json", (mtime, mtime))
     return run_dir
@@ -98,11 +98,12 @@ def _repeat(root, folder, miou, mtime):
 def test_a_repeated_seed_counts_once_its_newest_complete_run(tmp_path):
     _repeat(tmp_path, "seed0", 0.50, mtime=2_000)
     newest = _repeat(tmp_path, "seed0-2", 0.60, mtime=3_000)
-    (tmp_path / "smoke" / "smoke-hl" / "seed0-3" / "checkpoints").mkdir(parents=True)  # still running: no summary
+    # still running: no summary
+    (tmp_path / "smoke" / "smoke-pspnet_r18_tiny+hl" / "seed0-3" / "checkpoints").mkdir(parents=True)
     _repeat(tmp_path, "seed0-4", 0.40, mtime=1_000)  # written before the others finished
-    other_seed = tmp_path / "smoke" / "smoke-hl" / "seed1"
+    other_seed = tmp_path / "smoke" / "smoke-pspnet_r18_tiny+hl" / "seed1"
     _write_run(other_seed, hl=True, seed=1, miou=0.70)
-    profile_run = tmp_path / "smoke" / "smoke-hl-smoke" / "seed0"  # a profile's dry run: another sample
+    profile_run = tmp_path / "smoke" / "smoke-pspnet_r18_tiny+hl-smoke" / "seed0"  # a profile's dry run: another sample
     _write_run(profile_run, hl=True, seed=0, miou=0.10)
     other_split = _repeat(tmp_path, "seed0-5", 0.30, mtime=4_000)  # data.split_fraction=... : another sample too
     summary = json.loads((other_split / "summary.json").read_text())

@@ -215,7 +215,7 @@ def test_hl_copies_keep_zero_inits_and_own_bases(hydra_ctx):
 
 @pytest.mark.parametrize("name, read", [("ann_r101", {2, 3}), ("psanet_r101", {3}), ("emanet_r101", {3})])
 def test_light_hl_head(hydra_ctx, name, read):
-    cfg = compose("config", overrides=[f"model={name}", *SMALL, "hl.head_channels=4"])
+    cfg = compose("config", overrides=[f"model={name}", *SMALL, "hl.enabled=true", "hl.head_channels=4"])
     model = build_model(cfg.model, num_classes=3, hl=cfg.hl).train()
     assert {i for i, p in enumerate(model.hl_head.project) if not isinstance(p, torch.nn.Identity)} == read
     assert model.hl_head.channels == 4

@@ -2,6 +2,7 @@
 file and what was expected, never a traceback."""
 import pytest
 import torch
+from tests.conftest import SMOKE_HL
 
 from tests.test_run import _cli
 
@@ -47,7 +48,7 @@ def test_a_wrong_command_line_is_one_error_line_without_a_traceback(tmp_path, ca
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_is_one_line(tmp_path):
-    res = _cli(["experiment=smoke/hl", "device=cuda", "logger=none"], tmp_path)
+    res = _cli([*SMOKE_HL, "device=cuda", "logger=none"], tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert "device=cuda" in line and "device=cpu" in line

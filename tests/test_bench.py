@@ -10,7 +10,7 @@ from hlbench.errors import ConfigError
 
 
 def test_train_step_updates_the_model_and_hl_branch():
-    step = TrainStep("pspnet_r18_tiny", hl=True, size=64, batch=2, device=torch.device("cpu"))
+    step = TrainStep("tiny/pspnet_r18", hl=True, size=64, batch=2, device=torch.device("cpu"))
     before = {k: v.clone() for k, v in step.model.state_dict().items()}
     assert step() > 0
     after = step.model.state_dict()
@@ -28,10 +28,10 @@ def test_setup_labels_round_trip_and_bad_ones_are_named():
 
 
 def test_bench_writes_baseline_hl_and_light_hl_rows(tmp_path, capsys):
-    result = main(["--models", "pspnet_r18_tiny", "--size", "64", "--steps", "1", "--warmup", "1", "--device", "cpu",
+    result = main(["--models", "tiny/pspnet_r18", "--size", "64", "--steps", "1", "--warmup", "1", "--device", "cpu",
                    "--light-channels", "4", "--out", str(tmp_path)])
     rows = {r["name"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
-    assert rows.keys() == {"pspnet_r18_tiny", "pspnet_r18_tiny+HL", "pspnet_r18_tiny+HL(HL 4 ch)"}
+    assert rows.keys() == {"tiny/pspnet_r18", "tiny/pspnet_r18+HL", "tiny/pspnet_r18+HL(HL 4 ch)"}
     base, hl, light = rows.values()
     assert all(r["ms_per_step"] > 0 and r["setup"] == "fp32" and r["floor_ms"] is None for r in rows.values())
     assert base["tflop_per_step"] < light["tflop_per_step"] < hl["tflop_per_step"]

@@ -13,7 +13,7 @@ from hlbench.errors import ConfigError
 from hlbench.eval import evaluate_checkpoint, iou_table
 from hlbench.labels import IGNORE_INDEX
 from hlbench.models import build_model, load_checkpoint
-from tests.conftest import TINY, compose_run
+from tests.conftest import compose_run, SMOKE_HL, SMOKE_HL_RUN, TINY
 
 NUM_CLASSES = 5
 TINY_MODEL = {"backbone": {"type": "resnet_v1c", "depth": 18, "width_mult": 0.25, "stem_channels": [32, 32, 64],
@@ -120,7 +120,7 @@ def _iou_by_hand(model, cfg) -> dict:
 
 
 def test_eval_cli_scores_a_checkpoint(tmp_path, hydra_ctx, capsys):
-    cfg, _, _ = compose_run([*TINY, "experiment=smoke/hl"], out_dir=tmp_path)
+    cfg, _, _ = compose_run([*TINY, *SMOKE_HL], out_dir=tmp_path)
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=len(CLASSES), hl=cfg.hl)
     # A fresh classifier predicts one class everywhere; wide weights spread the predictions over several.
@@ -129,11 +129,11 @@ def test_eval_cli_scores_a_checkpoint(tmp_path, hydra_ctx, capsys):
     torch.save({"model": model.state_dict()}, ckpt)
     cfg = OmegaConf.merge(cfg, {"checkpoint": str(ckpt)})
 
-    first = evaluate_checkpoint(cfg, "smoke/hl")
-    second = evaluate_checkpoint(cfg, "smoke/hl")
+    first = evaluate_checkpoint(cfg, SMOKE_HL_RUN)
+    second = evaluate_checkpoint(cfg, SMOKE_HL_RUN)
     out = capsys.readouterr().out
     assert "mIoU" in out and "road" in out
-    assert Path(first["run_dir"]) == tmp_path / "eval" / "smoke-hl" / "best"
+    assert Path(first["run_dir"]) == tmp_path / "eval" / "smoke-pspnet_r18_tiny+hl" / "best"
     assert Path(second["run_dir"]).name == "best-2"  # never overwrites an earlier evaluation
     saved = json.loads((Path(first["run_dir"]) / "metrics.json").read_text())
     expected = _iou_by_hand(model, cfg)

@@ -5,10 +5,11 @@ import pytest
 from hydra import compose
 from omegaconf import OmegaConf
 
+from hlbench.compose import compose as compose_run_config
 from hlbench.config_checks import check_config
 from hlbench.errors import ConfigError
-from hlbench.suites import load_suite
-from tests.conftest import EXPERIMENTS
+from hlbench.suites import load_suite, suite_cards
+from tests.conftest import EXPERIMENTS, SMOKE_HL
 
 CONF = Path(__file__).resolve().parents[1] / "hlbench" / "conf"
 EXPERIMENT_NAMES = sorted(str(p.relative_to(EXPERIMENTS / "experiment").with_suffix(""))
@@ -26,29 +27,40 @@ def test_configs_were_found():
 @pytest.mark.parametrize("name", EXPERIMENT_NAMES)
 @pytest.mark.parametrize("profile", [[], ["profile=smoke"]])
 def test_experiment_composes(hydra_ctx, name, profile):
-    cfg = compose("config", overrides=[f"experiment={name}"] + profile)
+    cfg = compose_run_config([f"experiment={name}"] + profile)  # profile=smoke: the family's tiny model
     OmegaConf.to_container(cfg, resolve=True)
     check_config(cfg)
     if profile:
-        assert cfg.data.name == "synthetic" and cfg.model.backbone.width_mult < 1
+        assert cfg.data.name == "synthetic" and cfg.model.name.startswith("tiny/")
 
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_group_option_composes(hydra_ctx, group, option):
     cfg = compose("config", overrides=[f"{group}={option}"])
+    if cfg.train.epochs is not None:  # a schedule in epochs needs a data set with a labeled / unlabeled split
+        with pytest.raises(ConfigError, match=r"^train.iters: data.name='synthetic' has no labeled / unlabeled"):
+            check_config(cfg)
+        cfg = compose("config", overrides=[f"{group}={option}", "data=cityscapes_semisup_769"])
     OmegaConf.to_container(cfg, resolve=True)
     check_config(cfg)
 
 
 @pytest.mark.parametrize("suite", SUITE_NAMES)
 def test_suite_lists_existing_experiments(suite):
-    names = load_suite(suite).experiments
-    assert names and all(n in EXPERIMENT_NAMES for n in names)
+    runs = load_suite(suite).runs
+    assert runs and all(r.experiment in EXPERIMENT_NAMES for r in runs)
+    assert [r.name for r in runs] == [r.experiment + ("+hl" if r.hl else "") for r in runs]
+
+
+def test_experiment_files_are_baselines():
+    # The HL row of a paper row is its experiment with hl.enabled=true (a suite cell's `hl: true`), not a twin file.
+    assert not [n for n in EXPERIMENT_NAMES
+                if OmegaConf.select(OmegaConf.load(EXPERIMENTS / "experiment" / f"{n}.yaml"), "hl.enabled") is not None]
 
 
 def test_cli_override_beats_experiment(hydra_ctx):
-    cfg = compose("config", overrides=["experiment=smoke/hl", "hl.enabled=false", "model=pspnet_r50"])
-    assert cfg.hl.enabled is False and cfg.model.name == "pspnet_r50"
+    cfg = compose("config", overrides=["experiment=smoke/pspnet_r18_tiny", "optim.lr=0.02", "model=pspnet_r50"])
+    assert cfg.optim.lr == 0.02 and cfg.model.name == "pspnet_r50" and cfg.hl.lr_mult == 10
 
 
 def test_unknown_key_rejected(hydra_ctx):
@@ -70,17 +82,18 @@ def test_hl_variant_tag(hydra_ctx):
     def variant(overrides, per_device=8):
         return LabelledLoss(compose("config", overrides=overrides), per_device).variant()
 
-    paper = ["experiment=fullsup/pspnet_r101_hl"]
+    paper = ["experiment=fullsup/pspnet_r101", "hl.enabled=true"]
     assert variant(paper) == "reference"           # one GPU x 8 = 4 groups of 2, as 4 GPUs x 2
     assert variant(paper, per_device=2) == "reference"
     assert variant(paper, per_device=1) == "custom"  # 8 x 1 cannot see the other image of a reference GPU
     assert variant(paper + ["hl.scope=batch"]) == "custom"
     assert variant(paper + ["hl.scope=image"]) == "custom"
     assert variant(paper + ["hl.scope=group", "hl.group_size=2"]) == "reference"
-    assert variant(["experiment=ade20k/pspnet_r50_hl"], per_device=16) == "reference"
-    assert variant(["experiment=ade20k/pspnet_r50_hl", "hl.scope=group", "hl.group_size=2"], 16) == "custom"
-    assert variant(["experiment=smoke/hl"]) == "custom"  # hl.lr_mult=10
-    assert variant(["experiment=smoke/baseline"]) == "off"
+    assert variant(["experiment=ade20k/pspnet_r50", "hl.enabled=true"], per_device=16) == "reference"
+    assert variant(["experiment=ade20k/pspnet_r50", "hl.enabled=true", "hl.scope=group", "hl.group_size=2"],
+                   16) == "custom"
+    assert variant([*SMOKE_HL]) == "custom"  # hl.lr_mult=10
+    assert variant(["experiment=smoke/pspnet_r18_tiny"]) == "off"
 
 
 CPU_STUDIES = ("smoke/", "semisup_synthetic/", "hl_study/")  # the CPU studies' own layouts, not a paper recipe's
@@ -90,7 +103,9 @@ CPU_STUDIES = ("smoke/", "semisup_synthetic/", "hl_study/")  # the CPU studies' 
 def test_paper_recipes_state_the_reference_layout_and_train_in_fp32(hydra_ctx, name):
     cfg = compose("config", overrides=[f"experiment={name}"])
     ref = cfg.train.reference
-    layouts = {"ade20k/": (4, 4), "semisup/suponly": (4, 4), "semisup/u2pl": (8, 2), "semisup/unimatch": (8, 1)}
+    layouts = {"ade20k/": (4, 4), "backbones/lraspp_mobilenetv3": (4, 4), "backbones/bisenetv2": (4, 4),
+               "isaid/": (4, 4), "totaltext/": (4, 4), "semisup/suponly": (4, 4), "semisup/u2pl": (8, 2),
+               "semisup/unimatch": (8, 1)}
     expected = next((v for prefix, v in layouts.items() if name.startswith(prefix)), (4, 2))
     assert (ref.gpus, ref.per_gpu) == expected and ref.gpus * ref.per_gpu == cfg.train.batch_size
     assert cfg.train.precision == "fp32" and cfg.hl.scope == "reference"
@@ -100,7 +115,16 @@ def test_each_paper_number_has_one_place_the_suite_cell():
     # Experiment files name their parts; the paper's numbers live in the suite that is the paper's table.
     assert not [n for n in EXPERIMENT_NAMES
                 if OmegaConf.load(EXPERIMENTS / "experiment" / f"{n}.yaml").get("paper") is not None]
-    cells = [e for s in SUITE_NAMES for e in (load_suite(s).experiments if load_suite(s).get("cells") else [])]
-    assert len(cells) == len(set(cells))  # no experiment fills two cells
+    cells = [r for s in SUITE_NAMES if load_suite(s).get("cells") for r in load_suite(s).runs]
+    for suite in SUITE_NAMES:  # within a table, a run fills one cell
+        names = [r.name for r in load_suite(suite).get("runs")]
+        assert len(names) == len(set(names)), suite
+    # Across tables, a run fills two cells only where both tables report the same run (UPerNet-R101 in the
+    # architecture and backbone tables), with one number.
+    values = {}
+    for suite in SUITE_NAMES:
+        for name, card in (suite_cards(load_suite(suite)) if load_suite(suite).get("cells") else {}).items():
+            values.setdefault(name, set()).add(card.get("value"))
+    assert all(len(v) == 1 for v in values.values()), {k: v for k, v in values.items() if len(v) > 1}
     paper_settings = [n for n in EXPERIMENT_NAMES if not n.startswith(CPU_STUDIES)]
-    assert sorted(cells) == sorted(paper_settings)
+    assert sorted({r.experiment for r in cells}) == sorted(paper_settings)

@@ -5,7 +5,7 @@ import pytest
 from analysis.dashboard import build_report, dashboard_plan, format_plan, main, stability_uploads, upload_stability
 from analysis.runs import load_runs
 from hlbench.tracking import atomic_write_json, write_config
-from tests.conftest import offline_records
+from tests.conftest import offline_records, SMOKE_HL_RUN
 from tests.test_analysis_notebook_helpers import write_snapshot
 
 CLASSES = ["road", "pole"]
@@ -28,8 +28,8 @@ def _run(root, experiment, hl, seed=0, suite="smoke", group="smoke", snapshots=(
 @pytest.fixture
 def runs_root(tmp_path):
     root = tmp_path / "runs"
-    _run(root, "smoke/baseline", False)
-    _run(root, "smoke/hl", True, snapshots=(10, 20, 30))
+    _run(root, "smoke/pspnet_r18_tiny", False)
+    _run(root, SMOKE_HL_RUN, True, snapshots=(10, 20, 30))
     _run(root, "fullsup/fcn_r101", False, suite="fullsup", group="fullsup-smoke")
     return root
 
@@ -59,7 +59,7 @@ def test_offline_main_prints_the_plan_and_creates_nothing(runs_root, tmp_path, m
     out = capsys.readouterr().out
     assert "W&B report 'hlbench: baseline vs HL' in hl-team/hlbench (would create)" in out
     assert "section smoke: baseline vs HL" in out and "2 runs: 1 baseline, 1 HL" in out
-    assert "media HL maps" in out and "stability run smoke/hl-s0-stability" in out
+    assert "media HL maps" in out and "stability run smoke/pspnet_r18_tiny+hl-s0-stability" in out
     assert "W&B mode is offline: nothing created" in out
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert main(["--runs", str(tmp_path / "missing")]) == 2
@@ -98,7 +98,7 @@ def test_stability_upload_offline_is_one_run_with_a_point_per_snapshot(runs_root
     records = offline_records(offline)
     (info,) = [r["run"] for r in records if r["type"] == "run"]
     assert (info["run_group"], info["job_type"], info["display_name"]) == ("smoke", "hl_stability",
-                                                                          "smoke/hl-s0-stability")
+                                                                          "smoke/pspnet_r18_tiny+hl-s0-stability")
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [h["_step"] for h in history] == [20, 30]
     assert all("hl_stability/hl_rank_corr" in h and "hl_stability/loss_rank_corr" in h for h in history)

@@ -21,7 +21,7 @@ from tests.conftest import compose_run, free_port, gloo_group, launch_gloo
 
 WORLD = 2
 # A tiny U2PL run with its contrastive loss, 2 reference GPUs of 2 + 2 images: one per process.
-U2PL_RUN = ["experiment=semisup/u2pl_hl_1_16", "profile=smoke", "data=synthetic_semisup", "logger=none",
+U2PL_RUN = ["experiment=semisup/u2pl_1_16", "hl.enabled=true", "profile=smoke", "data=synthetic_semisup", "logger=none",
             "data.train.num_images=32", "data.split=null", "data.split_fraction=0.25", "data.pregenerate=false",
             "data.val.num_images=4", "data.val.size=[48,48]", "data.train.size=[48,48]",
             "data.train_pipeline.crop=[48,48]", "train.iters=4", "train.ckpt_interval=2", "train.log_interval=2",
@@ -73,7 +73,7 @@ def _worker(rank, port, out_dir, results_file):
         with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
             def run(extra, folder, **kw):
                 return run_experiment(compose_run(U2PL_RUN + extra, f"{out_dir}/{folder}")[0],
-                                      "semisup/u2pl_hl_1_16", None, "smoke", **kw)
+                                      "semisup/u2pl_1_16+hl", None, "smoke", **kw)
 
             results["sup_only"] = run(["method.sup_only_epoch=1", "method.epochs=2"], "sup_only")
             results["full"] = run([], "full")

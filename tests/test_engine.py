@@ -85,13 +85,13 @@ def test_atomic_checkpoints_and_latest(tmp_path):
 
 def test_run_dir_naming_and_versions(tmp_path):
     cfg = OmegaConf.create({"out_dir": str(tmp_path), "resume": False})
-    first = run_dir_for(cfg, "fullsup/pspnet_r101_hl", "fullsup", None, 0)
-    assert first == tmp_path / "fullsup" / "fullsup-pspnet_r101_hl" / "seed0"
+    first = run_dir_for(cfg, "fullsup/pspnet_r101+hl", "fullsup", None, 0)
+    assert first == tmp_path / "fullsup" / "fullsup-pspnet_r101+hl" / "seed0"
     first.mkdir(parents=True)
-    second = run_dir_for(cfg, "fullsup/pspnet_r101_hl", "fullsup", None, 0)
+    second = run_dir_for(cfg, "fullsup/pspnet_r101+hl", "fullsup", None, 0)
     assert second.name == "seed0-2"
     second.mkdir()
-    assert run_dir_for(cfg, "fullsup/pspnet_r101_hl", "fullsup", None, 0).name == "seed0-3"
+    assert run_dir_for(cfg, "fullsup/pspnet_r101+hl", "fullsup", None, 0).name == "seed0-3"
     cfg.resume = True
-    assert run_dir_for(cfg, "fullsup/pspnet_r101_hl", "fullsup", None, 0) == second
+    assert run_dir_for(cfg, "fullsup/pspnet_r101+hl", "fullsup", None, 0) == second
     assert run_dir_for(cfg, "x", None, "smoke", 1) == tmp_path / "runs" / "x-smoke" / "seed1"

@@ -16,9 +16,9 @@ from hlbench.data.synthetic import CLASSES
 from hlbench.errors import ConfigError
 from hlbench.models import build_model
 from hlbench.models.heads import ProjectedHead
-from tests.conftest import TINY, compose_run
+from tests.conftest import compose_run, SMOKE_HL, TINY
 
-LIGHT = [*TINY, "experiment=smoke/hl", "hl.head_channels=4"]
+LIGHT = [*TINY, *SMOKE_HL, "hl.head_channels=4"]
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def _raise_internal(*args, **kwargs):
 
 def test_an_internal_value_error_in_a_run_keeps_its_traceback(cli, monkeypatch):
     monkeypatch.setattr(hlbench.engine.run_parts, "build_model", _raise_internal)
-    status, err = cli("hlbench.run", [*TINY, "experiment=smoke/hl"])
+    status, err = cli("hlbench.run", [*TINY, *SMOKE_HL])
     assert status not in (0, 2)
     assert "Traceback" in err and "ValueError: an internal fault deep in the code" in err
     assert "error: an internal fault" not in err
@@ -59,7 +59,7 @@ def test_a_ctrl_c_outside_the_training_steps_is_one_line_with_status_130(cli, mo
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(hlbench.engine.run_parts, "build_model", interrupted)  # while the run is being built
-    status, err = cli("hlbench.run", [*TINY, "experiment=smoke/hl"])
+    status, err = cli("hlbench.run", [*TINY, *SMOKE_HL])
     assert status == 130 and "Traceback" not in err
     assert [ln for ln in err.splitlines() if ln.startswith("stopped:")] == [
         "stopped: Ctrl-C outside a training step: no checkpoint written; resume=true continues from the newest one"]
@@ -67,13 +67,13 @@ def test_a_ctrl_c_outside_the_training_steps_is_one_line_with_status_130(cli, mo
 
 def test_an_internal_value_error_in_eval_keeps_its_traceback(cli, monkeypatch, tmp_path):
     monkeypatch.setattr(hlbench.models.build, "build_model", _raise_internal)
-    status, err = cli("hlbench.eval", [*TINY, "experiment=smoke/hl", f"checkpoint={tmp_path / 'w.pth'}"])
+    status, err = cli("hlbench.eval", [*TINY, *SMOKE_HL, f"checkpoint={tmp_path / 'w.pth'}"])
     assert status not in (0, 2)
     assert "Traceback" in err and "ValueError: an internal fault deep in the code" in err
 
 
 def test_a_bad_config_value_found_deep_in_a_run_is_one_line(cli):
-    status, err = cli("hlbench.run", [*TINY, "experiment=smoke/hl", "data.name=nosuch"])
+    status, err = cli("hlbench.run", [*TINY, *SMOKE_HL, "data.name=nosuch"])
     (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]  # the rest are INFO log lines
     assert status == 2 and "Traceback" not in err
     assert line.startswith("error: data.name='nosuch' is not a known data set") and "synthetic" in line

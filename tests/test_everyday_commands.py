@@ -12,13 +12,13 @@ from hlbench.eval import evaluate_checkpoint, saved_run
 from hlbench.predict import main as predict_main
 from hlbench.run import print_catalogue, run_experiment
 from hlbench.weights import require_pretrained
-from tests.conftest import REPO, TINY, compose_run
+from tests.conftest import compose_run, REPO, SMOKE_HL, SMOKE_HL_RUN, TINY
 
 
 @pytest.fixture
 def trained_run(hydra_ctx, tmp_path):
-    cfg = compose_run(TINY + ["experiment=smoke/hl"], tmp_path / "out")[0]
-    return run_experiment(cfg, "smoke/hl", None, "smoke")
+    cfg = compose_run(TINY + [*SMOKE_HL], tmp_path / "out")[0]
+    return run_experiment(cfg, SMOKE_HL_RUN, None, "smoke")
 
 
 @pytest.mark.slow
@@ -46,7 +46,7 @@ def test_predict_writes_labels_overlay_and_hl_map_at_each_images_size(trained_ru
 @pytest.mark.slow
 def test_eval_of_a_run_folder_uses_its_config_and_best_weights_and_reproduces_its_scores(trained_run, capsys):
     cfg, checkpoint, experiment = saved_run(trained_run["run_dir"])
-    assert checkpoint.name == "best.pth" and experiment == "smoke/hl"
+    assert checkpoint.name == "best.pth" and experiment == SMOKE_HL_RUN
     # The only evaluation was the final one (eval_interval > iters), so best.pth holds the final weights.
     result = evaluate_checkpoint(OmegaConf.merge(cfg, {"checkpoint": str(checkpoint)}), experiment)
     assert result["mIoU"] == trained_run["final"]["mIoU"] and result["hl_auroc"] == trained_run["hl_auroc"]
@@ -56,7 +56,7 @@ def test_eval_of_a_run_folder_uses_its_config_and_best_weights_and_reproduces_it
 def test_list_names_the_experiments_and_suites(capsys):
     print_catalogue()
     out = capsys.readouterr().out
-    assert "\n  smoke/hl\n" in out and "\n  fullsup/pspnet_r101_hl\n" in out and "\n  fullsup\n" in out
+    assert "\n  smoke/pspnet_r18_tiny\n" in out and "\n  fullsup/pspnet_r101\n" in out and "\n  fullsup\n" in out
     assert "--cfg job" in out
 
 

@@ -10,7 +10,7 @@ from hlbench.models import build_model
 
 
 SMALL = ["model.backbone.pretrained=none", "model.backbone.depth=18", "model.backbone.width_mult=0.25",
-         "model.head.channels=32"]
+         "model.head.channels=32", "hl.enabled=true"]
 
 
 def test_light_head_narrows_only_the_hl_copy(hydra_ctx):
@@ -46,6 +46,6 @@ def test_head_channels_is_checked_and_makes_the_variant_custom(hydra_ctx):
     for bad in ("0", "true", "1.5"):
         with pytest.raises(ConfigError, match="hl.head_channels"):
             check_config(compose("config", overrides=[f"hl.head_channels={bad}"]))
-    paper = ["experiment=fullsup/pspnet_r101_hl"]
+    paper = ["experiment=fullsup/pspnet_r101", "hl.enabled=true"]
     assert LabelledLoss(compose("config", overrides=paper), 8).variant() == "reference"
     assert LabelledLoss(compose("config", overrides=paper + ["hl.head_channels=64"]), 8).variant() == "custom"

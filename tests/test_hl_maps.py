@@ -42,11 +42,11 @@ def test_panel_has_every_column_titled_and_a_colour_bar_per_map(tmp_path):
     images, hl, labels, preds, loss = _batch(n=3)
     hl[:, 0, 0] = 2.0  # the ignored row: outside the scale, which the labelled pixels set
     fig = hl_panel_figure(labels, preds, PALETTE, images=images, hl=hl, loss=loss, hard=_hard(labels),
-                          hard_bits=BITS, max_images=2, title="smoke/hl-s0, iteration 8",
+                          hard_bits=BITS, max_images=2, title="smoke/pspnet_r18_tiny+hl-s0, iteration 8",
                           class_names=["road", "car", "pole"])
     tiles = _tiles(fig)
     assert list(tiles) == ALL_TITLES and all(len(col) == 2 for col in tiles.values())
-    assert fig._suptitle.get_text() == "smoke/hl-s0, iteration 8"
+    assert fig._suptitle.get_text() == "smoke/pspnet_r18_tiny+hl-s0, iteration 8"
     # HL and loss each get a colour bar that says what it measures
     assert sorted(ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()) == ["CE (nats), capped at p99",
                                                                               "h (learned hardness)"]

@@ -9,7 +9,7 @@ from hlbench.memory import GiB, MemoryEstimate, _cgroup_memory_left, estimate_tr
 from hlbench.methods import LabelledLoss
 from hlbench.models import build_model
 from hlbench.run import run_experiment
-from tests.conftest import TINY, compose_run
+from tests.conftest import compose_run, SMOKE_HL, SMOKE_HL_RUN, TINY
 
 
 def test_a_tensor_saved_twice_is_counted_once():
@@ -25,7 +25,7 @@ def test_a_tensor_saved_twice_is_counted_once():
 
 
 def _cfg(*overrides):
-    return compose("config", overrides=["experiment=smoke/hl", "logger=none", *overrides])
+    return compose("config", overrides=[*SMOKE_HL, "logger=none", *overrides])
 
 
 def test_meta_estimate_equals_the_count_on_real_tensors(hydra_ctx):
@@ -72,16 +72,16 @@ def test_cgroup_memory_left_is_its_limit_less_its_usage(tmp_path):
 @pytest.mark.slow
 def test_a_run_that_would_not_fit_stops_at_start_naming_what_fits_and_leaves_no_folder(hydra_ctx, tmp_path,
                                                                                        monkeypatch, caplog):
-    cfg = compose_run(TINY + ["experiment=smoke/hl", "train.iters=2"], tmp_path)[0]
+    cfg = compose_run(TINY + [*SMOKE_HL, "train.iters=2"], tmp_path)[0]
     assert cfg.train.batch_size == 4 and list(cfg.data.train_pipeline.crop) == [64, 64]
     need = estimate_train_memory(cfg, 12, 4, (64, 64))
     # Room for a third of the activations: 1 image of 4 (4/3 rounded down), or a crop sqrt(1/3) as wide (36.9 -> 32)
     monkeypatch.setattr(trainer, "available_memory", lambda device: need.weights + need.activations / 3)
     with pytest.raises(ConfigError, match=r"does not fit; it would fit with train\.max_batch_per_device=1 .* or "
                                           r"data\.train_pipeline\.crop=\[32,32\] \(train\.memory_check=false"):
-        run_experiment(cfg, "smoke/hl", None, "smoke")
+        run_experiment(cfg, SMOKE_HL_RUN, None, "smoke")
     assert not (tmp_path / "runs").exists()  # a failed start leaves no half-made run folder
-    cfg = compose_run(TINY + ["experiment=smoke/hl", "train.iters=2", "train.memory_check=false"], tmp_path)[0]
-    summary = run_experiment(cfg, "smoke/hl", None, "smoke")
+    cfg = compose_run(TINY + [*SMOKE_HL, "train.iters=2", "train.memory_check=false"], tmp_path)[0]
+    summary = run_experiment(cfg, SMOKE_HL_RUN, None, "smoke")
     assert summary["run_dir"].endswith("seed0")  # the same name again: no seed0-2
     assert "training anyway (train.memory_check=false)" in caplog.text

@@ -8,7 +8,7 @@ import torch
 from hlbench.errors import RunStopped
 from hlbench.methods import METHODS, Stream, Supervised
 from hlbench.run import run_experiment
-from tests.conftest import TINY, compose_run, sigterm_during_step
+from tests.conftest import compose_run, sigterm_during_step, SMOKE_HL, SMOKE_HL_RUN, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -54,19 +54,19 @@ def ema_method(monkeypatch):
 
 
 def _over(*extra):
-    return TINY + ["experiment=smoke/hl", "method.name=ema_teacher", "train.iters=4", "train.ckpt_interval=2",
+    return TINY + [*SMOKE_HL, "method.name=ema_teacher", "train.iters=4", "train.ckpt_interval=2",
                    *extra]
 
 
 def test_method_state_is_checkpointed_and_restored(hydra_ctx, tmp_path, ema_method, monkeypatch):
-    full = run_experiment(compose_run(_over(), tmp_path / "a")[0], "smoke/hl", None, "smoke")
+    full = run_experiment(compose_run(_over(), tmp_path / "a")[0], SMOKE_HL_RUN, None, "smoke")
     sigterm_during_step(monkeypatch, 2)
     with pytest.raises(RunStopped):
-        run_experiment(compose_run(_over(), tmp_path / "b")[0], "smoke/hl", None, "smoke")
-    stopped = tmp_path / "b/runs/smoke-hl-smoke/seed0"
+        run_experiment(compose_run(_over(), tmp_path / "b")[0], SMOKE_HL_RUN, None, "smoke")
+    stopped = tmp_path / "b/runs/smoke-pspnet_r18_tiny+hl-smoke/seed0"
     state = torch.load(stopped / "checkpoints/iter_000002.pth", weights_only=False)["method"]
     assert state["steps"] == 2 and state["extra_images"] == 4  # 2 iterations x 1 micro-batch x 2 images
-    resumed = run_experiment(compose_run(_over("resume=true"), tmp_path / "b")[0], "smoke/hl", None, "smoke")
+    resumed = run_experiment(compose_run(_over("resume=true"), tmp_path / "b")[0], SMOKE_HL_RUN, None, "smoke")
     a = torch.load(Path(full["run_dir"]) / "checkpoints/iter_000004.pth", weights_only=False)["method"]
     b = torch.load(Path(resumed["run_dir"]) / "checkpoints/iter_000004.pth", weights_only=False)["method"]
     assert a["steps"] == b["steps"] == 4 and a["extra_images"] == b["extra_images"] == 8
@@ -74,13 +74,13 @@ def test_method_state_is_checkpointed_and_restored(hydra_ctx, tmp_path, ema_meth
     assert resumed["final"]["IoU"] == full["final"]["IoU"]
 
 
-def test_reported_numbers_name_the_weights_that_produced_them(hydra_ctx, tmp_path, ema_method):
+def test_reported_numbers_name_the_network_that_produced_them(hydra_ctx, tmp_path, ema_method):
     # No periodic evaluation: the final one, at iteration 4, is the only one, so best.pth holds the final weights.
-    summary = run_experiment(compose_run(_over("train.eval_interval=0"), tmp_path)[0], "smoke/hl", None, "smoke")
-    assert summary["final"]["protocol"]["model"] == "teacher" and summary["best"]["protocol"]["model"] == "teacher"
+    summary = run_experiment(compose_run(_over("train.eval_interval=0"), tmp_path)[0], SMOKE_HL_RUN, None, "smoke")
+    assert summary["final"]["protocol"]["network"] == "teacher" and summary["best"]["protocol"]["network"] == "teacher"
     best = torch.load(Path(summary["run_dir"]) / "checkpoints/best.pth", weights_only=False)
     final = torch.load(Path(summary["run_dir"]) / "checkpoints/iter_000004.pth", weights_only=False)
-    assert best["weights"] == "teacher" and best["iter"] == 4
+    assert best["network"] == "teacher" and best["iter"] == 4
     assert best["model"].keys() == final["method"]["teacher"].keys()
     assert all(torch.equal(best["model"][k], final["method"]["teacher"][k]) for k in best["model"])
     assert summary["batch"]["per_device"] == {"labeled": 4, "extra": 2}
@@ -88,5 +88,5 @@ def test_reported_numbers_name_the_weights_that_produced_them(hydra_ctx, tmp_pat
 
 def test_streams_share_the_accumulation_plan(hydra_ctx, tmp_path, ema_method):
     summary = run_experiment(compose_run(_over("train.max_batch_per_device=2", "train.iters=2"), tmp_path)[0],
-                             "smoke/hl", None, "smoke")
+                             SMOKE_HL_RUN, None, "smoke")
     assert summary["batch"]["accumulation"] == 2 and summary["batch"]["per_device"] == {"labeled": 2, "extra": 1}

@@ -78,7 +78,8 @@ def test_v2_loads_an_mmcls_imagenet_checkpoint_with_a_report(tmp_path):
 def test_pspnet_mobilenetv2_with_both_hl_heads(hydra_ctx, head_channels):
     cfg = compose("config", overrides=["model=pspnet_mobilenetv2", "model.backbone.pretrained=none",
                                        "model.backbone.width_mult=0.25", "model.head.channels=16",
-                                       "model.aux.channels=8", f"hl.head_channels={head_channels or 'null'}"])
+                                       "model.aux.channels=8", "hl.enabled=true",
+                                       f"hl.head_channels={head_channels or 'null'}"])
     model = build_model(cfg.model, num_classes=3, hl=cfg.hl).train()
     assert model.decode_head.in_channels == 80 and model.auxiliary_head.in_channels == 24  # 320 / 96 at 1/4 width
     out = model(torch.randn(2, 3, 33, 33))
@@ -136,7 +137,8 @@ def test_lraspp_image_pool_and_bad_inputs():
 @pytest.mark.parametrize("head_channels", [None, 8])
 def test_lraspp_mobilenetv3_with_both_hl_heads(hydra_ctx, head_channels):
     cfg = compose("config", overrides=["model=lraspp_mobilenetv3", "model.backbone.pretrained=none",
-                                       "model.head.channels=16", f"hl.head_channels={head_channels or 'null'}"])
+                                       "model.head.channels=16", "hl.enabled=true",
+                                       f"hl.head_channels={head_channels or 'null'}"])
     model = build_model(cfg.model, num_classes=3, hl=cfg.hl).train()
     assert model.auxiliary_head is None and model.decode_head.in_channels == [16, 24, 960]
     out = model(torch.randn(1, 3, 385, 385))  # the smallest input LR-ASPP's 49×49 image pool takes

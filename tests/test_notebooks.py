@@ -16,14 +16,15 @@ from hydra.core.global_hydra import GlobalHydra
 from nbclient import NotebookClient
 
 from hlbench.run import run, run_experiment
-from tests.conftest import REPO, TINY, compose_run
+from hlbench.suites import run_overrides
+from tests.conftest import compose_run, REPO, SMOKE_HL_RUN, TINY
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.py"))
 SEMISUP = ["profile=smoke", "data=synthetic_semisup", "logger=none", "data.train.num_images=16",
            "data.val.num_images=2", "data.val.size=[32,32]", "data.train.size=[32,32]",
            "data.train_pipeline.crop=[32,32]",
            "train.iters=2", "train.batch_size=2", "train.log_interval=1", "train.hl_map_interval=1", "seeds=null"]
-SEMISUP_RUNS = [(experiment, fraction) for experiment in ("semisup_synthetic/suponly", "semisup_synthetic/unimatch_hl")
+SEMISUP_RUNS = [(experiment, fraction) for experiment in ("semisup_synthetic/suponly", "semisup_synthetic/unimatch+hl")
                 for fraction in (0.25, 0.5)]
 
 
@@ -54,7 +55,7 @@ def fixture_runs(tmp_path_factory):
     with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
         run(*compose_run(TINY + ["train.iters=4", "train.hl_map_interval=2"], out))
         for experiment, fraction in SEMISUP_RUNS:
-            cfg = compose_run(SEMISUP + [f"experiment={experiment}", f"data.split_fraction={fraction}"], out)[0]
+            cfg = compose_run(SEMISUP + [*run_overrides(experiment), f"data.split_fraction={fraction}"], out)[0]
             run_experiment(cfg, experiment, "semisup_synthetic", "smoke")
     GlobalHydra.instance().clear()
     return out
@@ -99,10 +100,11 @@ def _execute(notebook, monkeypatch, runs_dir, logs_dir=None):
     return text, images
 
 
-HL_RUNS = 1 + sum("_hl" in e for e, _ in SEMISUP_RUNS)
+HL_RUNS = 1 + sum(e.endswith("+hl") for e, _ in SEMISUP_RUNS)
 # notebook: (texts its output must contain, notes it must not print, images)
 ON_RUNS = {
-    "hl_analysis": ([f"{2 + len(SEMISUP_RUNS)} run(s)", f"{HL_RUNS} with HL", "smoke/hl", "smoke/baseline", "±",
+    "hl_analysis": ([f"{2 + len(SEMISUP_RUNS)} run(s)", f"{HL_RUNS} with HL", SMOKE_HL_RUN, "smoke/pspnet_r18_tiny",
+                     "±",
                      "hl_rank_corr", "1 pair(s)", "mean Δ"],
                     ["no runs", "no train/val", "no HL-map", "no pairs", "no baseline/HL"], 3 + HL_RUNS),
     "hl_maps": ([f"{HL_RUNS} HL run(s) with HL-map snapshots", "| pole", "mean HL", "| thin", "| none"],
@@ -110,8 +112,9 @@ ON_RUNS = {
     "hl_stability": ([f"{HL_RUNS} HL run(s)", "corr_prev", "top_final", "auroc.thin", "| hl ", "| loss "],
                      ["no run with", "no stability", "no snapshot grid"], 1 + min(2, HL_RUNS)),
     "semisup": (["4 semi-supervised", "reference rule:", "last iteration:", "seeded(0.25, 0)", "seeded(0.5, 0)",
-                 "semisup_synthetic/unimatch_hl", "ours (paper)"], ["no semi-supervised"], 1),
-    "paper_tables": (["2 suite(s): semisup_synthetic, smoke", "smoke/hl", "final.mIoU", "toy_table: 0 cell(s) failing",
+                 "semisup_synthetic/unimatch+hl", "ours (paper)"], ["no semi-supervised"], 1),
+    "paper_tables": (["2 suite(s): semisup_synthetic, smoke", SMOKE_HL_RUN, "final.mIoU",
+                      "toy_table: 0 cell(s) failing",
                       "| NetA", "mean Δ"], ["no suite runs", "no runs", "HLBENCH_LOGS is not"], 1),
 }
 NO_RUNS_WARNING = "does not exist: run `make run`, or set HLBENCH_RUNS"

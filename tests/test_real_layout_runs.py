@@ -7,6 +7,7 @@ import pytest
 
 from hlbench.errors import ConfigError
 from hlbench.run import run
+from hlbench.suites import run_overrides
 from tests.conftest import compose_run
 from tests.test_datasets import make_ade, make_cityscapes, make_gta
 
@@ -20,13 +21,13 @@ SHRINK = ["logger=none", "model.backbone.depth=18", "model.backbone.width_mult=0
 
 
 @pytest.mark.parametrize("experiment,extra", [
-    ("fullsup/pspnet_r101_hl", ["model.aux.channels=16", "data.protocol.crop=[32,32]", "data.protocol.stride=[24,24]"]),
+    ("fullsup/pspnet_r101+hl", ["model.aux.channels=16", "data.protocol.crop=[32,32]", "data.protocol.stride=[24,24]"]),
     ("losses/pspnet_r18_ohem", ["model.aux.channels=16", "data.protocol.crop=[32,32]", "data.protocol.stride=[24,24]"]),
-    ("fullsup/ocrnet_r101_hl", []),
+    ("fullsup/ocrnet_r101+hl", []),
 ])
 def test_cityscapes_experiments_train_and_evaluate(hydra_ctx, tmp_path, experiment, extra):
     root = make_cityscapes(tmp_path / "cityscapes")
-    cfg, choices, overrides = compose_run([f"experiment={experiment}", f"data.root={root}", *SHRINK, *extra],
+    cfg, choices, overrides = compose_run([*run_overrides(experiment), f"data.root={root}", *SHRINK, *extra],
                                           tmp_path / "out")
     (summary,) = run(cfg, choices, overrides)
     assert summary["data"].startswith("cityscapes") and summary["iters"] == 2
@@ -37,7 +38,7 @@ def test_cityscapes_experiments_train_and_evaluate(hydra_ctx, tmp_path, experime
 
 def test_gta_to_cityscapes_experiment(hydra_ctx, tmp_path):
     gta, cs = make_gta(tmp_path / "gta"), make_cityscapes(tmp_path / "cityscapes")
-    cfg, choices, overrides = compose_run(["experiment=dg/deeplabv3plus_r101_hl", f"data.root={gta}",
+    cfg, choices, overrides = compose_run(["experiment=dg/deeplabv3plus_r101", "hl.enabled=true", f"data.root={gta}",
                                            f"data.cityscapes_root={cs}", "model.aux.channels=16", *SHRINK],
                                           tmp_path / "out")
     (summary,) = run(cfg, choices, overrides)
@@ -48,7 +49,7 @@ def test_gta_to_cityscapes_experiment(hydra_ctx, tmp_path):
 
 def test_ade20k_experiment(hydra_ctx, tmp_path):
     root = make_ade(tmp_path / "ade")
-    cfg, choices, overrides = compose_run(["experiment=ade20k/upernet_r101_hl", f"data.root={root}",
+    cfg, choices, overrides = compose_run(["experiment=ade20k/upernet_r101", "hl.enabled=true", f"data.root={root}",
                                            "model.aux.channels=16", *SHRINK], tmp_path / "out")
     (summary,) = run(cfg, choices, overrides)
     assert len(summary["final"]["IoU"]) == 150 and summary["hl_auroc"] is None

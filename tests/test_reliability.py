@@ -27,15 +27,15 @@ from hlbench.errors import ConfigError, RunStopped
 from hlbench.methods.supervised import Supervised
 from hlbench.run import run_dir_for, run_experiment
 from hlbench.tracking.run_folder import claimed_run_folder
-from tests.conftest import REPO, TINY, compose_run, offline_records, sigterm_during_step
+from tests.conftest import compose_run, offline_records, REPO, sigterm_during_step, SMOKE_HL, SMOKE_HL_RUN, TINY
 
 pytestmark = pytest.mark.slow
 
 # Pre-emption runs: long enough to be stopped mid-way (a step is ~0.05 s here), with periodic checkpoints,
 # evaluations (best-so-far) and a loader worker process (which receives the launcher's signals too).
-LONG = TINY + ["experiment=smoke/hl", "train.iters=15", "train.ckpt_interval=3", "train.eval_interval=5",
+LONG = TINY + [*SMOKE_HL, "train.iters=15", "train.ckpt_interval=3", "train.eval_interval=5",
                "train.log_interval=1", "train.hl_map_interval=0", "train.num_workers=1", "train.keep_checkpoints=0"]
-SHORT = TINY + ["experiment=smoke/hl", "train.iters=6", "train.ckpt_interval=2", "train.keep_checkpoints=0"]
+SHORT = TINY + [*SMOKE_HL, "train.iters=6", "train.ckpt_interval=2", "train.keep_checkpoints=0"]
 
 
 @contextmanager
@@ -51,7 +51,7 @@ def _one_thread():
 
 def _run(over, out):
     with _one_thread():
-        return run_experiment(compose_run(over, out)[0], "smoke/hl", None, "smoke")
+        return run_experiment(compose_run(over, out)[0], SMOKE_HL_RUN, None, "smoke")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_sigkill_at_a_random_iteration_then_resume_equals_an_uninterrupted_run(h
     target = random.Random(seed).randrange(4, 13)  # iteration 3's checkpoint exists once iteration 4 is logged
     print(f"HLBENCH_KILL_SEED={seed}: SIGKILL once iteration {target} is logged")
     proc = _start(LONG, tmp_path)
-    run_dir = tmp_path / "runs" / "smoke-hl-smoke" / "seed0"
+    run_dir = tmp_path / "runs" / "smoke-pspnet_r18_tiny+hl-smoke" / "seed0"
     seen = _wait_until_trained(proc, run_dir, target)
     os.killpg(proc.pid, signal.SIGKILL)  # the node dies: no handler runs, maybe mid-write
     proc.wait(timeout=60)
@@ -156,7 +156,7 @@ def test_sigkill_at_a_random_iteration_then_resume_equals_an_uninterrupted_run(h
 def test_stop_signal_checkpoints_the_step_exits_for_requeue_and_resumes_exactly(hydra_ctx, tmp_path, uninterrupted,
                                                                                  sig, status):
     proc = _start(LONG, tmp_path)
-    run_dir = tmp_path / "runs" / "smoke-hl-smoke" / "seed0"
+    run_dir = tmp_path / "runs" / "smoke-pspnet_r18_tiny+hl-smoke" / "seed0"
     _wait_until_trained(proc, run_dir, 2)
     os.killpg(proc.pid, getattr(signal, sig))  # to the loader worker too, as SLURM signals every process
     proc.wait(timeout=120)
@@ -192,7 +192,7 @@ def test_a_launchers_own_handler_runs_after_the_checkpoint(hydra_ctx, tmp_path):
     with open(tmp_path / "stderr.txt", "w") as err:
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
-    run_dir = tmp_path / "runs" / "smoke-hl-smoke" / "seed0"
+    run_dir = tmp_path / "runs" / "smoke-pspnet_r18_tiny+hl-smoke" / "seed0"
     _wait_until_trained(proc, run_dir, 2)
     os.killpg(proc.pid, signal.SIGUSR2)
     proc.wait(timeout=120)
@@ -243,7 +243,7 @@ def test_keep_last_n_never_removes_best_or_the_newest(tmp_path):
 
 
 def test_a_run_keeps_its_last_checkpoints_and_best(hydra_ctx, tmp_path):
-    summary = _run(TINY + ["experiment=smoke/hl", "train.iters=8", "train.ckpt_interval=2", "train.eval_interval=2",
+    summary = _run(TINY + [*SMOKE_HL, "train.iters=8", "train.ckpt_interval=2", "train.eval_interval=2",
                            "train.keep_checkpoints=2"], tmp_path)
     names = sorted(p.name for p in (Path(summary["run_dir"]) / "checkpoints").iterdir())
     assert names == ["best.pth", "iter_000006.pth", "iter_000008.pth"]
@@ -262,7 +262,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint_and_stops_in_one_l
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(RunStopped) as err:
         _run(SHORT, tmp_path)
-    msg, ckpts = str(err.value), tmp_path / "runs" / "smoke-hl-smoke" / "seed0" / "checkpoints"
+    msg, ckpts = str(err.value), tmp_path / "runs" / "smoke-pspnet_r18_tiny+hl-smoke" / "seed0" / "checkpoints"
     assert "\n" not in msg and os.strerror(errno.ENOSPC) in msg
     assert str(ckpts / "iter_000004.pth") in msg and str(ckpts / "iter_000002.pth") in msg
     assert sorted(p.name for p in ckpts.iterdir()) == ["iter_000002.pth"]  # no partial file, no temporary
@@ -296,9 +296,9 @@ def test_non_finite_loss_stops_naming_iteration_and_term_keeping_the_last_good_c
                                                                                         monkeypatch, value):
     _poison(monkeypatch, {3: value})
     with pytest.raises(RunStopped) as err:
-        _run(TINY + ["experiment=smoke/hl", "train.iters=8", "train.ckpt_interval=2", "train.log_interval=4"],
+        _run(TINY + [*SMOKE_HL, "train.iters=8", "train.ckpt_interval=2", "train.log_interval=4"],
              tmp_path)
-    msg, ckpts = str(err.value), tmp_path / "runs" / "smoke-hl-smoke" / "seed0" / "checkpoints"
+    msg, ckpts = str(err.value), tmp_path / "runs" / "smoke-pspnet_r18_tiny+hl-smoke" / "seed0" / "checkpoints"
     assert "\n" not in msg and "at iteration 3 " in msg and f"decode.loss_ce={value}" in msg
     assert "aux.loss_ce" not in msg  # only the terms that went bad are named
     assert str(ckpts / "iter_000002.pth") in msg
@@ -309,7 +309,7 @@ def test_non_finite_loss_stops_naming_iteration_and_term_keeping_the_last_good_c
 
 def test_skip_nonfinite_skips_the_update_and_counts_it(hydra_ctx, tmp_path, monkeypatch):
     _poison(monkeypatch, {3: math.nan, 5: math.inf})
-    summary = _run(TINY + ["experiment=smoke/hl", "train.iters=6", "train.ckpt_interval=1", "train.skip_nonfinite=2",
+    summary = _run(TINY + [*SMOKE_HL, "train.iters=6", "train.ckpt_interval=1", "train.skip_nonfinite=2",
                            "train.keep_checkpoints=0"], tmp_path)
     assert summary["skipped_nonfinite"] == {"count": 2, "iters": [3, 5]}
     state = {it: _load(Path(summary["run_dir"]) / f"checkpoints/iter_{it:06d}.pth") for it in (2, 3, 4)}
@@ -333,7 +333,7 @@ def test_skip_nonfinite_stops_when_skipping_cannot_help(hydra_ctx, tmp_path, mon
         _poison(monkeypatch, {3: math.nan}, inputs=True)
         expected = r"at iteration 3 .* reached the BatchNorm statistics.*; the last good checkpoint is .*iter_000002.pth$"
     with pytest.raises(RunStopped, match=expected):
-        _run(TINY + ["experiment=smoke/hl", "train.iters=6", "train.ckpt_interval=2", "train.skip_nonfinite=1"],
+        _run(TINY + [*SMOKE_HL, "train.iters=6", "train.ckpt_interval=2", "train.skip_nonfinite=1"],
              tmp_path)
 
 
@@ -351,7 +351,7 @@ def test_wandb_failures_never_stop_training_or_the_run_folder(hydra_ctx, wandb_o
 
     with monkeypatch.context() as patch, caplog.at_level("WARNING", logger="hlbench.tracking.tracker"):
         patch.setattr(*((wandb_offline, "init") if where == "init" else (Run, where)), _raise)
-        summary = _run(TINY + ["experiment=smoke/hl", "logger=wandb"], tmp_path)
+        summary = _run(TINY + [*SMOKE_HL, "logger=wandb"], tmp_path)
     run_dir = Path(summary["run_dir"])
     warnings = [r.getMessage() for r in caplog.records if r.name == "hlbench.tracking.tracker"]
     assert len(warnings) == 1 and "injected: W&B unreachable" in warnings[0], warnings
@@ -364,11 +364,11 @@ def test_wandb_failures_never_stop_training_or_the_run_folder(hydra_ctx, wandb_o
 
 def test_a_resumed_run_adds_an_offline_segment_and_w_and_b_reads_both(hydra_ctx, wandb_offline, tmp_path,
                                                                     monkeypatch):
-    over = TINY + ["experiment=smoke/hl", "logger=wandb"]
+    over = TINY + [*SMOKE_HL, "logger=wandb"]
     sigterm_during_step(monkeypatch, 2)
     with pytest.raises(RunStopped):
         _run(over, tmp_path)
-    run_dir = tmp_path / "runs" / "smoke-hl-smoke" / "seed0"
+    run_dir = tmp_path / "runs" / "smoke-pspnet_r18_tiny+hl-smoke" / "seed0"
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     (first,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}*")
     first_files = {p: p.read_bytes() for p in first.rglob("*") if p.is_file() and p.suffix == ".wandb"}
@@ -394,7 +394,7 @@ def _claim_and_write(out: str, base: str, barrier, results) -> None:
     cfg = OmegaConf.create({"out_dir": out, "resume": False})
     names = iter([Path(base)])  # both jobs named the folder before either created it
     barrier.wait()
-    with claimed_run_folder(lambda: next(names, None) or run_dir_for(cfg, "smoke/hl", None, None, 0), False) as path:
+    with claimed_run_folder(lambda: next(names, None) or run_dir_for(cfg, SMOKE_HL_RUN, None, None, 0), False) as path:
         (path / f"written-by-{os.getpid()}").write_text("x")
         time.sleep(0.2)
     results.put(str(path))
@@ -402,7 +402,7 @@ def _claim_and_write(out: str, base: str, barrier, results) -> None:
 
 def test_two_jobs_racing_for_one_run_folder_get_one_each(tmp_path):
     cfg = OmegaConf.create({"out_dir": str(tmp_path), "resume": False})
-    base = run_dir_for(cfg, "smoke/hl", None, None, 0)
+    base = run_dir_for(cfg, SMOKE_HL_RUN, None, None, 0)
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(2), ctx.Queue()
     jobs = [ctx.Process(target=_claim_and_write, args=(str(tmp_path), str(base), barrier, results)) for _ in range(2)]

@@ -18,7 +18,7 @@ MODEL_CONFIGS = sorted((Path(hlbench.models.__file__).parents[1] / "conf" / "mod
 
 @pytest.fixture
 def tiny_cfg():
-    return OmegaConf.load(Path(hlbench.models.__file__).parents[1] / "conf" / "model" / "pspnet_r18_tiny.yaml")
+    return OmegaConf.load(Path(hlbench.models.__file__).parents[1] / "conf" / "model" / "tiny" / "pspnet_r18.yaml")
 
 
 def test_training_outputs(tiny_cfg):
@@ -135,9 +135,11 @@ def test_every_model_config_builds():
         stages = list(model.decode_head) if isinstance(model.decode_head, CascadeHead) else [model.decode_head]
         hl_last = model.hl_head[-1] if isinstance(model.hl_head, CascadeHead) else model.hl_head
         in_channels = model.backbone.out_channels
-        index = OmegaConf.to_object(cfg.head)["in_index"]
-        assert stages[-1].in_channels == ([in_channels[i] for i in index] if isinstance(index, list) else
-                                          in_channels[index])
+        head = OmegaConf.to_object(cfg.head)
+        index = head["in_index"]
+        read = [in_channels[i] for i in index] if isinstance(index, list) else in_channels[index]
+        # mmseg's resize_concat (HRNet heads) concatenates the stages it reads: its input is their summed width
+        assert stages[-1].in_channels == (sum(read) if head.get("input_transform") == "resize_concat" else read)
         if OmegaConf.is_list(cfg.aux):  # mmseg's list of aux heads (BiSeNetV2)
             assert [h.in_channels for h in model.auxiliary_head] == [in_channels[a.in_index] for a in cfg.aux]
         elif cfg.aux.enabled:

@@ -235,7 +235,7 @@ def test_fp_is_channel_dropout_at_one_half_on_both_decoder_inputs():
 
 
 def test_fp_needs_a_head_that_has_it():
-    tiny = OmegaConf.load(MODEL_DIR / "pspnet_r18_tiny.yaml")
+    tiny = OmegaConf.load(MODEL_DIR / "tiny" / "pspnet_r18.yaml")
     with pytest.raises(ConfigError, match="feature perturbation"):
         build_model(tiny, NUM_CLASSES)(torch.randn(1, 3, 32, 32), feature_perturbation=True)
 

@@ -14,6 +14,7 @@ from hlbench.data.semisup import (SPLITS_DIR, derived_label, load_split, read_sp
                                   seeded_split, shipped_splits, unlabeled_sample)
 from hlbench.data.transforms import PadToCrop, RandomLongSide, RandomScaleFactor, build_train_pipeline
 from hlbench.errors import ConfigError
+from hlbench.suites import run_overrides
 from tests.test_datasets import make_cityscapes
 
 COUNTS = {"1_30": 100, "1_16": 186, "1_8": 372, "1_4": 744, "1_2": 1488}
@@ -210,8 +211,8 @@ def test_synthetic_semisup_returns_labeled_unlabeled_and_val(hydra_ctx):
 
 def test_a_smoke_dry_run_of_a_semisup_experiment_keeps_its_labelled_fraction(hydra_ctx):
     """profile=smoke swaps the data for the synthetic scenes; the experiment's split still decides what is labeled."""
-    for experiment, fraction in (("semisup/u2pl_1_8", 1 / 8), ("semisup/unimatch_hl_1_4", 1 / 4)):
-        cfg = compose("config", overrides=[f"experiment={experiment}", "profile=smoke", "data.train.num_images=16",
+    for experiment, fraction in (("semisup/u2pl_1_8", 1 / 8), ("semisup/unimatch_1_4+hl", 1 / 4)):
+        cfg = compose("config", overrides=[*run_overrides(experiment), "profile=smoke", "data.train.num_images=16",
                                            "data.val.num_images=2"]).data
         sets = build_datasets(cfg, seed=0)
         labeled = math.ceil(fraction * 16)

@@ -12,11 +12,11 @@ def _runs(experiments, final, best):
 
 
 def test_fullsup_table_has_the_papers_rows_and_columns_with_ours_beside_its_numbers():
-    runs = _runs(["fullsup/fcn_r101", "fullsup/fcn_r101_hl"], 0.70, 0.72)
+    runs = _runs(["fullsup/fcn_r101", "fullsup/fcn_r101+hl"], 0.70, 0.72)
     table = suite_table(runs, "fullsup")
     assert table.index.tolist()[:6] == ["fcn", "pspnet", "deeplabv3", "deeplabv3plus", "upernet", "ocrnet"]
     assert table.columns.tolist() == ["baseline", "HL"] and table.columns.name == "final"
-    paper = paper_card("fullsup/fcn_r101_hl")["value"]
+    paper = paper_card("fullsup/fcn_r101+hl")["value"]
     assert table.loc["fcn", "HL"] == f"70.50 ± 0.71 (2); paper {paper:g}"
     assert table.loc["ocrnet", "baseline"] == f"; paper {paper_card('fullsup/ocrnet_r101')['value']:g}"  # no run yet
     assert suite_table(runs, "fullsup", "best").loc["fcn", "HL"].startswith("72.50 ± 0.71 (2)")
@@ -38,7 +38,7 @@ def test_a_profiles_runs_make_their_own_table_and_a_smoke_model_is_not_set_besid
 def test_every_paper_suite_is_a_full_grid_and_the_bare_lists_are_refused():
     for name in ("fullsup", "losses", "ade20k", "dg", "semisup", "unimatch_suponly"):
         table = suite_table(pd.DataFrame(columns=["experiment"]), name)
-        assert table.size == len(load_suite(name).experiments)  # one cell per experiment, none left over
+        assert table.size == len(load_suite(name).runs)  # one cell per experiment, none left over
     assert suite_table(pd.DataFrame(columns=["experiment"]), "losses").columns.tolist() == \
         ["ce", "balanced_ce", "ohem", "focal", "hl"]
     with pytest.raises(KeyError, match="no cells"):

@@ -183,14 +183,14 @@ def test_a_stopped_and_resumed_u2pl_run_equals_an_uninterrupted_one(hydra_ctx, t
     from hlbench.run import run_experiment
     from tests.conftest import TINY, compose_run, sigterm_during_step
 
-    over = TINY + ["experiment=semisup/u2pl_hl_1_16", "train.iters=4", "train.ckpt_interval=2",
+    over = TINY + ["experiment=semisup/u2pl_1_16", "hl.enabled=true", "train.iters=4", "train.ckpt_interval=2",
                    "method.contrastive.num_queries=16", "method.contrastive.queue_size=64",
                    "method.contrastive.queue_size_class0=64"]
-    full = run_experiment(compose_run(over, tmp_path / "a")[0], "semisup/u2pl_hl_1_16", None, "smoke")
+    full = run_experiment(compose_run(over, tmp_path / "a")[0], "semisup/u2pl_1_16+hl", None, "smoke")
     sigterm_during_step(monkeypatch, 2)
     with pytest.raises(RunStopped):
-        run_experiment(compose_run(over, tmp_path / "b")[0], "semisup/u2pl_hl_1_16", None, "smoke")
-    resumed = run_experiment(compose_run(over + ["resume=true"], tmp_path / "b")[0], "semisup/u2pl_hl_1_16", None,
+        run_experiment(compose_run(over, tmp_path / "b")[0], "semisup/u2pl_1_16+hl", None, "smoke")
+    resumed = run_experiment(compose_run(over + ["resume=true"], tmp_path / "b")[0], "semisup/u2pl_1_16+hl", None,
                              "smoke")
     a = torch.load(f"{full['run_dir']}/checkpoints/iter_000004.pth", weights_only=False)
     b = torch.load(f"{resumed['run_dir']}/checkpoints/iter_000004.pth", weights_only=False)
@@ -199,7 +199,7 @@ def test_a_stopped_and_resumed_u2pl_run_equals_an_uninterrupted_one(hydra_ctx, t
     assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
     queues_a, queues_b = a["method"]["queues"]["queues"], b["method"]["queues"]["queues"]
     assert any(len(q) for q in queues_a) and all(torch.equal(x, y) for x, y in zip(queues_a, queues_b))
-    assert resumed["final"]["IoU"] == full["final"]["IoU"] and resumed["final"]["protocol"]["model"] == "teacher"
+    assert resumed["final"]["IoU"] == full["final"]["IoU"] and resumed["final"]["protocol"]["network"] == "teacher"
 
 
 # --- the reference's code paths, on hand-made cases ---------------------------------------------------------------

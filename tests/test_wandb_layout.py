@@ -23,9 +23,9 @@ def _cfg(hl=True, method="u2pl", setting="semisup", seed=2):
 
 
 def test_identity_groups_by_suite_and_tags_every_axis():
-    ident = run_identity(_cfg(), "semisup/u2pl_hl_1_8", "semisup", None, pretrained="resnet101_u2pl",
+    ident = run_identity(_cfg(), "semisup/u2pl_1_8+hl", "semisup", None, pretrained="resnet101_u2pl",
                          method_tags=["u2pl:reference"], split={"source": "u2pl/1_8"})
-    assert ident["name"] == "semisup/u2pl_hl_1_8-s2"
+    assert ident["name"] == "semisup/u2pl_1_8+hl-s2"
     assert ident["group"] == "semisup" and ident["job_type"] == "semisup"
     assert ident["tags"] == ["hl", "method:u2pl", "model:deeplabv3plus_r101_u2pl", "data:cityscapes_semisup_769",
                              "split:u2pl/1_8", "setting:semisup", "pretrained:resnet101_u2pl", "u2pl:reference"]
@@ -35,13 +35,13 @@ def test_identity_groups_by_suite_and_tags_every_axis():
     assert base["group"] == "fullsup-smoke" and base["name"] == "fullsup/fcn_r101-smoke-s2"
     assert base["tags"][0] == "baseline" and "split:full" in base["tags"] and "profile:smoke" in base["tags"]
     assert max(len(t) for t in base["tags"]) == 64
-    assert run_group("fullsup/fcn_r101", "fullsup", None) == run_group("fullsup/fcn_r101_hl", None, None)
+    assert run_group("fullsup/fcn_r101", "fullsup", None) == run_group("fullsup/fcn_r101+hl", None, None)
 
 
 def test_offline_run_has_summaries_per_class_iou_and_hl_maps_with_class_masks(wandb_offline, tmp_path):
     run = tmp_path / "run"
     tr = Tracker(run, {"seed": 0}, logger="wandb", project="hlbench-test", group="smoke", job_type="smoke",
-                 tags=["hl", "method:supervised"], name="smoke/hl-s0", class_names=CLASSES)
+                 tags=["hl", "method:supervised"], name="smoke/pspnet_r18_tiny+hl-s0", class_names=CLASSES)
     for it, miou in ((10, 0.3), (20, 0.5), (30, 0.4)):
         tr.log("val", it, {"mIoU": miou, "IoU.road": miou, "IoU.car": miou / 2, "IoU.traffic light": 0.0})
     rng = np.random.default_rng(0)
@@ -54,7 +54,8 @@ def test_offline_run_has_summaries_per_class_iou_and_hl_maps_with_class_masks(wa
     (offline,) = (run / "wandb").glob("offline-run-*")
     records = offline_records(offline)
     (info,) = [r["run"] for r in records if r["type"] == "run"]
-    assert (info["run_group"], info["job_type"], info["display_name"]) == ("smoke", "smoke", "smoke/hl-s0")
+    assert (info["run_group"], info["job_type"], info["display_name"]) == ("smoke", "smoke",
+                                                                            "smoke/pspnet_r18_tiny+hl-s0")
     assert info["tags"] == ["hl", "method:supervised"]
     summary = {}
     for r in records:
@@ -93,7 +94,8 @@ def test_multirun_makes_one_searchable_offline_run_per_job(tmp_path):
     for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
         env[var] = str(tmp_path / "wandb_home" / var.lower())
     overrides = [o for o in TINY if not o.startswith(("profile=", "logger="))]  # no profile: the real smoke group
-    res = subprocess.run([sys.executable, "-m", "hlbench.run", "-m", "experiment=smoke/baseline,smoke/hl",
+    res = subprocess.run([sys.executable, "-m", "hlbench.run", "-m", "experiment=smoke/pspnet_r18_tiny",
+                          "hl.enabled=false,true",
                           "logger=wandb", f"out_dir={out}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -102,10 +104,11 @@ def test_multirun_makes_one_searchable_offline_run_per_job(tmp_path):
     runs = [next(r["run"] for r in offline_records(d) if r["type"] == "run") for d in offline]
     assert len({r["run_id"] for r in runs}) == 2
     assert {(r["display_name"], r["run_group"], r["job_type"]) for r in runs} == {
-        ("smoke/baseline-s0", "smoke", "smoke"), ("smoke/hl-s0", "smoke", "smoke")}
+        ("smoke/pspnet_r18_tiny-s0", "smoke", "smoke"), ("smoke/pspnet_r18_tiny+hl-s0", "smoke", "smoke")}
     # searchable: W&B filters on group and tags pick each run
-    assert [r["display_name"] for r in runs if r["run_group"] == "smoke" and "hl" in r["tags"]] == ["smoke/hl-s0"]
+    assert [r["display_name"] for r in runs if r["run_group"] == "smoke" and "hl" in r["tags"]] == [
+        "smoke/pspnet_r18_tiny+hl-s0"]
     assert [r["display_name"] for r in runs if "baseline" in r["tags"] and "method:supervised" in r["tags"]] == [
-        "smoke/baseline-s0"]
+        "smoke/pspnet_r18_tiny-s0"]
     for d in offline:  # each job's run finished: the exit record is in its own file
         assert any(r["type"] == "exit" for r in offline_records(d))

@@ -13,6 +13,7 @@ from hydra import compose
 from omegaconf import OmegaConf
 
 from hlbench import weights
+from hlbench.compose import compose as compose_run_config
 from hlbench.config_checks import ConfigError
 from hlbench.models import build_model
 from hlbench.models.resnet import ResNetV1c
@@ -77,17 +78,18 @@ def test_an_unset_value_is_an_error_not_random_init(value):
 def test_run_config_resolution_and_name(hydra_ctx, tmp_path, monkeypatch):
     (tmp_path / R101).write_bytes(b"x")
     monkeypatch.setenv("HLBENCH_WEIGHTS", str(tmp_path))
-    cfg = compose("config", overrides=["experiment=fullsup/pspnet_r101_hl"])
+    cfg = compose("config", overrides=["experiment=fullsup/pspnet_r101", "hl.enabled=true"])
     assert require_pretrained(cfg) == tmp_path / R101 and pretrained_name(cfg) == R101
-    cfg = compose("config", overrides=["experiment=fullsup/pspnet_r101_hl", f"weights_dir={tmp_path / 'other'}"])
+    cfg = compose("config", overrides=["experiment=fullsup/pspnet_r101", "hl.enabled=true",
+                                       f"weights_dir={tmp_path / 'other'}"])
     with pytest.raises(ConfigError, match="other"):
         require_pretrained(cfg)
-    cfg = compose("config", overrides=["experiment=fullsup/pspnet_r101_hl",
+    cfg = compose("config", overrides=["experiment=fullsup/pspnet_r101", "hl.enabled=true",
                                        f"model.backbone.pretrained={tmp_path / R101}"])
     assert require_pretrained(cfg) == tmp_path / R101 and pretrained_name(cfg) == R101
-    for overrides in (["experiment=smoke/hl"], ["experiment=fullsup/pspnet_r101_hl", "profile=smoke"],
+    for overrides in (["experiment=smoke/pspnet_r18_tiny"], ["experiment=fullsup/pspnet_r101", "profile=smoke"],
                       ["model=pspnet_r101", "model.backbone.pretrained=none"]):
-        cfg = compose("config", overrides=overrides)
+        cfg = compose_run_config(overrides)  # profile=smoke: the family's tiny model, trained from scratch
         assert require_pretrained(cfg) is None and pretrained_name(cfg) == "none"
 
 

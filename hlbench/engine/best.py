@@ -34,17 +34,18 @@ class BestSelection:
         key = table_metric(metrics)  # the data set's table metric: TotalText's best is its best fgIoU
         if self.best is not None and not metrics[key] > self.best[key]:
             return
-        module, which = method.eval_model(model)
+        module, network = method.eval_model(model)
         if self.is_main:
-            self.checkpoints.write({"model": module.state_dict(), "iter": it, "weights": which},
+            self.checkpoints.write({"model": module.state_dict(), "iter": it, "network": network},
                                    self.checkpoints.best_path)
-        self.best = summary_entry(it, metrics, result["protocol"], f"checkpoints/best.pth (iter {it})", which,
+        self.best = summary_entry(it, metrics, result["protocol"], f"checkpoints/best.pth (iter {it})", network,
                                   self.classes)
 
     def rescore(self, score: Callable, method, model) -> None:
         """Score the selected weights with the final protocol where another protocol selected them (U2PL's eval.py
         on ckpt_best.pth); `score(module)` evaluates a module. The summary keeps both numbers."""
-        selected_by = {k: v for k, v in (self.best or {}).get("protocol", {}).items() if k not in ("weights", "model")}
+        selected_by = {k: v for k, v in (self.best or {}).get("protocol", {}).items()
+                       if k not in ("checkpoint", "network")}
         if self.best is None or selected_by == self.final_protocol:
             return
         barrier()  # rank 0 wrote best.pth; every rank scores its shard of the val set with those weights
@@ -52,5 +53,5 @@ class BestSelection:
         module.load_state_dict(load_state(self.checkpoints.best_path)["model"])
         result = score(module)
         self.best["rescored"] = summary_entry(self.best["iter"], result["metrics"], self.final_protocol,
-                                              self.best["protocol"]["weights"], self.best["protocol"]["model"],
+                                              self.best["protocol"]["checkpoint"], self.best["protocol"]["network"],
                                               self.classes)

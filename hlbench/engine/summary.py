@@ -12,13 +12,14 @@ from ..metrics import TABLE_METRICS
 from ..weights import pretrained_name
 
 
-def summary_entry(it: int, metrics: dict, protocol: dict, weights: str, model: str, class_names: list[str]) -> dict:
-    """One evaluation: `weights` says which file and `model` which of the method's weights (student or teacher)
-    produced it."""
+def summary_entry(it: int, metrics: dict, protocol: dict, checkpoint: str, network: str,
+                  class_names: list[str]) -> dict:
+    """One evaluation: `checkpoint` says which parameters (a file, or the final iteration's) and `network` which of
+    the method's networks (student or teacher) produced it."""
     return {"iter": it, "mIoU": metrics["mIoU"], **{k: metrics[k] for k in TABLE_METRICS[1:] if k in metrics},
             "mAcc": metrics["mAcc"], "aAcc": metrics["aAcc"],
             "IoU": {c: metrics[f"IoU.{c}"] for c in class_names},
-            "protocol": {**protocol, "weights": weights, "model": model}}
+            "protocol": {**protocol, "checkpoint": checkpoint, "network": network}}
 
 
 def report_iou(metrics: dict, classes: list[str]) -> float | None:
@@ -52,7 +53,7 @@ def run_summary(cfg, meta: dict, parts, *, final: dict, protocol: dict, best: di
         "train_time_s": round(train_time, 2), "resumed_from": start_it or None,
         "s_per_iter": float(np.median(step_times)) if step_times else None,
         "memory_mb": int(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
-        "final": summary_entry(total, final["metrics"], protocol, f"final (iter {total})", final["weights"],
+        "final": summary_entry(total, final["metrics"], protocol, f"final (iter {total})", final["network"],
                                parts.classes),
         "best": best,
         "hl_auroc": final["hl_auroc"],

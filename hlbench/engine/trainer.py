@@ -296,12 +296,12 @@ class Trainer:
         return result
 
     def validate(self, it: int, eval_cfg=None) -> dict:
-        """The method's eval weights on the val set under `eval_cfg` (default: the recipe's protocol), logged as a
+        """The method's evaluated network on the val set under `eval_cfg` (default: the recipe's protocol), logged as a
         val line with per-class IoU, plus the HL-map panel and snapshot."""
         t0 = time.perf_counter()
-        module, which = self.method.eval_model(self.model)
+        module, network = self.method.eval_model(self.model)
         result = self._score(module, self.parts.val_set, eval_cfg if eval_cfg is not None else self.cfg.eval)
-        result["weights"] = which
+        result["network"] = network
         self.tracker.log("val", it, {**result["metrics"], **result["hl_auroc_kinds"],
                                      "eval_time": time.perf_counter() - t0, "protocol": result["protocol"]["mode"]})
         self.tracker.log_class_iou(it, {c: result["metrics"][f"IoU.{c}"] for c in self.classes})

@@ -1,8 +1,8 @@
 """The method interface the shared train loop drives (hlbench.engine.trainer).
 
 A method owns what is particular to it: its data streams, its losses, any extra state (an EMA teacher, memory
-queues) and which weights are evaluated. The loop owns everything else: loaders, accumulation, the schedule,
-checkpoints (which store `state_dict()`), evaluation and tracking.
+queues) and which network (student or teacher) is evaluated. The loop owns everything else: loaders,
+accumulation, the schedule, checkpoints (which store `state_dict()`), evaluation and tracking.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class Method:
         """After the optimiser step of iteration `it` (1-based count of steps done), e.g. an EMA update."""
 
     def eval_model(self, model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-        """(module to evaluate, "student" | "teacher"): which weights produce the reported numbers."""
+        """(module to evaluate, "student" | "teacher"): which network produces the reported numbers."""
         return model, "student"
 
     def lr_multipliers(self) -> dict[str, float]:

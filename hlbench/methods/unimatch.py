@@ -88,7 +88,7 @@ class UniMatch(Method):
         m = cfg.method
         self.flags = resolve_flags(m)
         self.conf_thresh, self.cutmix_p = float(m.conf_thresh), float(m.cutmix_p)
-        self.weights = {k: float(m.loss_weights[k]) for k in ("x",) + UNSUP_STREAMS}
+        self.loss_weights = {k: float(m.loss_weights[k]) for k in ("x",) + UNSUP_STREAMS}
         self.total_scale = float(m.total_scale)
         self.hl_unsup = {s for s in UNSUP_STREAMS if f"unimatch.{s}" in self.hl_targets}
 
@@ -149,12 +149,12 @@ class UniMatch(Method):
         # 5. Losses: L_x the labelled terms (HL-weighted with "sup" in hl.semisup.apply_to).
         labelled = self.loss({k: v[:nl] for k, v in out.items() if k != "out_fp"}, y, self.align_corners)
         logs = labelled.logs
-        total = self.weights["x"] * (labelled.seg + labelled.aux)
+        total = self.loss_weights["x"] * (labelled.seg + labelled.aux)
         for s in UNSUP_STREAMS:
             h = up(hl[s]) if s in self.hl_unsup else None
             logs[f"unsup.loss_{s}"] = unsup_loss(preds[s], *targets[s], self.conf_thresh, group, h,
                                                  self.cfg.hl.offset)
-            total = total + self.weights[s] * logs[f"unsup.loss_{s}"]
+            total = total + self.loss_weights[s] * logs[f"unsup.loss_{s}"]
         # L_h trains only the HL branch: it keeps its own weight (hl.lam) outside UniMatch's halving.
         loss = self.total_scale * total + labelled.hl
         confident = (conf_w >= self.conf_thresh) & valid_w

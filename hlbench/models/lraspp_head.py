@@ -7,8 +7,9 @@ from hlbench.errors import ConfigError
 from hlbench.models.heads import DecodeHead, resize
 from hlbench.models.mobilenet import ConvNormAct, init_conv_weights
 
-# mmseg's fixed image pooling: a 49×49 average pool with strides (16, 20), sized for 1/8 of a 512×1024 crop (a 64×128
+# mmseg's image pooling: a 49×49 average pool with strides (16, 20), sized for 1/8 of a 512×1024 crop (a 64×128
 # map, pooled to 1×4). The deepest input must therefore be at least 49×49: at output stride 8, an input of 385+.
+# mmseg fixes it; `pool_kernel` / `pool_stride` exist for the toy model of profile=smoke (tiny/lraspp_mobilenetv3).
 IMAGE_POOL_KERNEL, IMAGE_POOL_STRIDE = 49, (16, 20)
 
 
@@ -22,10 +23,11 @@ class LRASPPHead(DecodeHead):
             MobileNetV3 layers 1, 3 and 16, i.e. all three of its outputs).
         branch_channels: width of each skip's projection, one per skip.
         bn_eps: of the head's BNs (the authors' config: 1e-3, as the backbone's).
+        pool_kernel, pool_stride: of the image pooling (mmseg's 49 and (16, 20)).
     """
 
     def __init__(self, in_channels, channels, num_classes, in_index=(0, 1, 2), branch_channels=(32, 64), bn_eps=1e-5,
-                 **kwargs):
+                 pool_kernel=IMAGE_POOL_KERNEL, pool_stride=IMAGE_POOL_STRIDE, **kwargs):
         if not isinstance(in_channels, list) or len(in_channels) != len(branch_channels) + 1:
             raise ConfigError(f"LRASPPHead reads one stage per branch_channels entry plus the deep one; got in_index "
                               f"{in_index} and branch_channels {list(branch_channels)}")
@@ -38,7 +40,7 @@ class LRASPPHead(DecodeHead):
                                                                 bn_eps=bn_eps))
         self.conv_up_input = nn.Conv2d(channels, channels, 1)
         self.aspp_conv = ConvNormAct(in_channels[-1], channels, act=nn.ReLU, bn_eps=bn_eps)
-        self.image_pool = nn.Sequential(nn.AvgPool2d(IMAGE_POOL_KERNEL, IMAGE_POOL_STRIDE),
+        self.image_pool = nn.Sequential(nn.AvgPool2d(pool_kernel, pool_stride),
                                         ConvNormAct(in_channels[-1], channels, act=nn.Sigmoid, norm=False, bias=False))
         # mmcv ConvModule's Kaiming init for the conv-BN-act modules; the plain convs keep PyTorch's, as in mmseg.
         for m in self.modules():
