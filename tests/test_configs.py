@@ -108,7 +108,8 @@ def test_paper_recipes_state_the_reference_layout_and_train_in_fp32(hydra_ctx, n
                "semisup/unimatch": (8, 1)}
     expected = next((v for prefix, v in layouts.items() if name.startswith(prefix)), (4, 2))
     assert (ref.gpus, ref.per_gpu) == expected and ref.gpus * ref.per_gpu == cfg.train.batch_size
-    assert cfg.train.precision == "fp32" and cfg.hl.scope == "reference"
+    fp16 = "convnext" in name  # the authors trained ConvNeXt with mmcv's Fp16OptimizerHook, every other row in fp32
+    assert cfg.train.precision == ("fp16" if fp16 else "fp32") and cfg.hl.scope == "reference"
 
 
 def test_each_paper_number_has_one_place_the_suite_cell():
