@@ -52,7 +52,7 @@ def pair_runs(runs: pd.DataFrame, suite: str | None = None) -> pd.DataFrame:
 
 
 def pair_class_delta(pairs: pd.DataFrame, entry: str = "final") -> pd.DataFrame:
-    """Per class over all pairs (results.md §11 layout): mean base IoU, mean Δ, median Δ, improved "k/n"."""
+    """Per class over all pairs: mean base IoU, mean Δ, median Δ, improved "k/n"."""
     deltas = [per_class_delta(read_json(Path(b) / SUMMARY_FILE), read_json(Path(h) / SUMMARY_FILE), entry)
               for b, h in zip(pairs["run_dir_base"], pairs["run_dir_hl"])]
     return summarise_class_deltas(deltas)

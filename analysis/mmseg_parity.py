@@ -96,7 +96,7 @@ MMSEG_MODELS = {
     "upernet_r50": dict(backbone=_resnet(50, dilations=(1, 1, 1, 1), strides=(1, 2, 2, 2)), decode_head=dict(
         type="UPerHead", in_channels=[256, 512, 1024, 2048], in_index=[0, 1, 2, 3], pool_scales=(1, 2, 3, 6),
         channels=512, dropout_ratio=0.1, num_classes=NUM_CLASSES, norm_cfg=dict(type="BN"), align_corners=False)),
-    # The Cityscapes architecture table's attention heads (breadth.md §1, from the authors' log headers).
+    # The Cityscapes architecture table's attention heads (from the authors' log.json headers).
     "ann_r101": dict(backbone=_resnet(101), decode_head=_head(
         "ANNHead", in_channels=[1024, 2048], in_index=[2, 3], channels=512, project_channels=256, query_scales=(1,),
         key_pool_scales=(1, 3, 6, 8))),
@@ -112,8 +112,8 @@ MMSEG_MODELS = {
     "psanet_r101": dict(backbone=_resnet(101), decode_head=_head(
         "PSAHead", channels=512, mask_size=(97, 97), psa_type="bi-direction", compact=False, shrink_factor=2,
         normalization_factor=1.0, psa_softmax=True)),
-    # The Cityscapes backbone table (breadth.md §1): UPerHead (as upernet_r50) on ResNeXt-101 64x4d d8 and on
-    # ResNeSt-101 d32 (mmseg's resnest configs: stem_channels 128, radix 2, reduction_factor 4, avg_down_stride).
+    # The Cityscapes backbone table (the authors' log headers): UPerHead (as upernet_r50) on ResNeXt-101 64x4d d8
+    # and on ResNeSt-101 d32 (mmseg's resnest configs: stem_channels 128, radix 2, reduction_factor 4, avg_down_stride).
     "upernet_resnext101": dict(
         backbone=dict(type="ResNeXt", depth=101, groups=64, base_width=4, num_stages=4, out_indices=(0, 1, 2, 3),
                       dilations=(1, 1, 2, 4), strides=(1, 2, 1, 1), norm_cfg=dict(type="BN"), norm_eval=False,
@@ -127,7 +127,7 @@ MMSEG_MODELS = {
                       contract_dilation=True),
         decode_head=_head("UPerHead", in_channels=[256, 512, 1024, 2048], in_index=[0, 1, 2, 3], channels=512,
                           pool_scales=(1, 2, 3, 6))),
-    # The Cityscapes backbone table (breadth.md §1): mmseg mobilenet-v2-d8_pspnet, plain BN as the authors' config.
+    # The Cityscapes backbone table (log.json headers): mmseg mobilenet-v2-d8_pspnet, plain BN as the authors' config.
     "pspnet_mobilenetv2": dict(
         backbone=dict(type="MobileNetV2", widen_factor=1.0, strides=(1, 2, 2, 1, 1, 1, 1),
                       dilations=(1, 1, 1, 2, 2, 4, 4), out_indices=(1, 2, 4, 6), norm_cfg=dict(type="BN")),
@@ -179,7 +179,7 @@ def _hrnet_heads(channels, ocr):
 W18, W48 = (18, 36, 72, 144), (48, 96, 192, 384)
 W18_SMALL = dict(num_blocks=(2, 2, 2, 2), num_modules=(1, 1, 3, 2))
 W18_W48 = dict(num_blocks=(4, 4, 4, 4), num_modules=(1, 1, 4, 3))
-# The Cityscapes backbone table's OCR-HRNet rows and the iSAID / TotalText FCN-HRNet rows (breadth.md §1).
+# The Cityscapes backbone table's OCR-HRNet rows and the iSAID / TotalText FCN-HRNet rows (the authors' log headers).
 MMSEG_MODELS.update({
     "ocrnet_hr18s": dict(backbone=_hrnet(channels=W18, **W18_SMALL), **_hrnet_heads(W18, ocr=True)),
     "ocrnet_hr18": dict(backbone=_hrnet(channels=W18, **W18_W48), **_hrnet_heads(W18, ocr=True)),
@@ -200,9 +200,9 @@ def _segformer(embed_dims, num_layers):
 
 
 UPER_BASE = dict(in_channels=[128, 256, 512, 1024], in_index=[0, 1, 2, 3], channels=512, pool_scales=(1, 2, 3, 6))
-# The transformer-era rows (breadth.md §1): UPerNet on mmpretrain's ConvNeXt-B (mmseg's upernet_convnext) and on
-# mmseg's Swin-B window 12 (swin-base-patch4-window12-in22k-384x384-pre_upernet), aux FCN on stage 3 (512 channels);
-# SegFormer MiT-B0/B3/B5.
+# The transformer-era rows (the authors' log headers): UPerNet on mmpretrain's ConvNeXt-B (mmseg's upernet_convnext)
+# and on mmseg's Swin-B window 12 (swin-base-patch4-window12-in22k-384x384-pre_upernet), aux FCN on stage 3
+# (512 channels); SegFormer MiT-B0/B3/B5.
 MMSEG_MODELS.update({
     "upernet_convnext_b": dict(
         backbone=dict(type="mmpretrain.ConvNeXt", arch="base", out_indices=[0, 1, 2, 3], drop_path_rate=0.4,

@@ -88,8 +88,8 @@ def evaluate_checkpoint(cfg: DictConfig, experiment: str) -> dict:
     val_set = build_datasets(cfg.data, cfg.seed)["val"]
     check_mapped_labels(val_set)
     classes = list(val_set.classes)
-    # The HL branch never runs at inference (method.md §7) but is built so the checkpoint's HL weights load and
-    # its map can be scored against the data set's hardness mask.
+    # The HL branch never runs at inference (the authors' hl_encoder_decoder.py) but is built so the checkpoint's
+    # HL weights load and its map can be scored against the data set's hardness mask.
     model, report = trained_model(cfg, checkpoint, len(classes))
     model.to(info.device)
     result = evaluate(model, val_set, cfg.eval, cfg.data, info.device, classes, hl_offset=cfg.hl.offset)

@@ -1,6 +1,6 @@
 """Hardness-level (HL) learning: the weighted segmentation loss and the HL branch's adversarial loss.
 
-Reference: method.md §2–§6 (Menoly-xin/Hardness-Level-Learning, `hl_encoder_decoder.py`).
+Reference: the authors' code (Menoly-xin/Hardness-Level-Learning, `mmseg/models/segmentors/hl_encoder_decoder.py`).
 
     h = sigmoid(D) + c              D: raw HL-branch logits, resized to the label size first
     H = h / S,  S = sum of h over the normalisation scope
@@ -33,7 +33,7 @@ def hardness_weights(hl_logits: torch.Tensor, *, offset: float = 0.1, scope: str
         if hl_logits.shape[1] != 1:
             raise ValueError(f"hl_logits must have one channel, got shape {tuple(hl_logits.shape)}")
         hl_logits = hl_logits[:, 0]
-    # The normaliser sums millions of pixels: keep it in fp32 even under bf16 autocast (performance.md §4.1).
+    # The normaliser sums millions of pixels: keep it in fp32 even under bf16 autocast.
     h = torch.sigmoid(hl_logits.float()) + offset
     if valid_mask is not None:
         h = h * valid_mask.to(h.dtype)

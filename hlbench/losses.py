@@ -1,8 +1,8 @@
 """Per-pixel segmentation losses and their reductions.
 
 mmseg 0.x (the reference for every baseline) averages the unreduced CE over *all* pixels, ignored ones
-included, whereas PyTorch's `reduction="mean"` divides by the valid pixels only (method.md §5). Both are
-offered; baseline and HL runs must use the same one for a fair comparison.
+included (mmseg 0.22's cross_entropy_loss.py), whereas PyTorch's `reduction="mean"` divides by the valid pixels
+only. Both are offered; baseline and HL runs must use the same one for a fair comparison.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HL maths: normalisation, loss values and gradient routing (method.md §4–§6)."""
+"""HL maths: normalisation, loss values and gradient routing (the authors' hl_encoder_decoder.py)."""
 import pytest
 import torch
 import torch.nn as nn

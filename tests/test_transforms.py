@@ -34,8 +34,8 @@ class ScriptedRng:
 
 
 @pytest.mark.parametrize("w, h, scale, expected", [
-    (2048, 1024, (2049, 1025), (2049, 1025)),  # Cityscapes 769 test resize (datasets.md §6)
-    (1914, 1052, (1280, 720), (1280, 704)),    # GTA fixed-scale train resize (datasets.md §5)
+    (2048, 1024, (2049, 1025), (2049, 1025)),  # Cityscapes 769 test resize (mmseg's cityscapes_769x769.py)
+    (1914, 1052, (1280, 720), (1280, 704)),    # GTA fixed-scale train resize (gta_to_cityscapes_512x512.py)
     (2048, 1024, (2048, 1024), (2048, 1024)),
     (683, 512, (2048, 512), (683, 512)),       # ADE20K: short side 512
 ])

@@ -86,7 +86,7 @@ def split_record(data_cfg) -> dict | None:
 def normalize_batch(img: torch.Tensor, mean, std, img_hw: torch.Tensor | None = None) -> torch.Tensor:
     """(img - mean) / std as float32 on img's device; pixels outside img_hw (N×2 [h, w]) set to exactly 0.
 
-    mmseg pads after normalising, with 0 (the mean colour), so the padding must be 0 here too (datasets.md §5).
+    mmseg pads after normalising, with 0 (the mean colour), so the padding must be 0 here too (mmseg's Pad).
     """
     if img.dim() != 4 or img.shape[1] != len(mean) or len(mean) != len(std):
         raise ValueError(f"normalize_batch expects N×C×H×W with C = len(mean) = len(std), got "

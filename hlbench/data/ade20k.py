@@ -1,4 +1,4 @@
-"""ADE20K SceneParsing (datasets.md §4): ADEChallengeData2016/{images,annotations}/{training,validation}."""
+"""ADE20K SceneParsing (mmseg's ADE20KDataset): ADEChallengeData2016/{images,annotations}/{training,validation}."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ from hlbench.data.files import IGNORE_INDEX, LabelledFiles, config_split, requir
 from hlbench.data.transforms import build_split_pipelines, config_value
 from hlbench.errors import ConfigError, MissingInputError
 
-# mmseg 0.x ADE20KDataset order; 'bed ' keeps its trailing space so log keys match the reference (results.md §13.2).
+# mmseg 0.x ADE20KDataset order; 'bed ' keeps its trailing space so log keys match the authors' log.json.
 CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed ", "windowpane", "grass", "cabinet",
     "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",

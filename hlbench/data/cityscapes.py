@@ -1,4 +1,4 @@
-"""Cityscapes fine annotations (datasets.md §1-§2): leftImg8bit/<split>/<city>/*.png + gtFine trainId labels."""
+"""Cityscapes fine annotations (cityscapesScripts): leftImg8bit/<split>/<city>/*.png + gtFine trainId labels."""
 from __future__ import annotations
 
 from pathlib import Path

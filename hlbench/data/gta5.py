@@ -1,4 +1,4 @@
-"""GTA5 "Playing for Data" (datasets.md §3): images/*.png, labels/*.png palette PNGs of Cityscapes ids."""
+"""GTA5 "Playing for Data" (DAFormer's GTADataset): images/*.png, labels/*.png palette PNGs of Cityscapes ids."""
 from __future__ import annotations
 
 import re
@@ -41,7 +41,7 @@ def gta5_pairs(root) -> tuple[list[tuple[Path, Path, np.ndarray | None]], list[P
 class GTA5(LabelledFiles):
     """All labelled GTA5 images under `root` (Cityscapes train ids); images without a label are skipped.
 
-    Some redistributed copies miss labels (datasets.md §3); `python -m hlbench.data check gta5` lists them.
+    Some redistributed copies miss labels; `python -m hlbench.data check gta5` lists them.
     """
 
     def __init__(self, root, transform=None, aug_seed: int = 0):

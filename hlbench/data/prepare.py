@@ -1,4 +1,4 @@
-"""Dataset preparation and validation behind `python -m hlbench.data prepare|check` (datasets.md §1-§4)."""
+"""Dataset preparation and validation behind `python -m hlbench.data prepare|check`."""
 from __future__ import annotations
 
 from multiprocessing import Pool
@@ -108,7 +108,7 @@ def _split_pairs(name: str, root: Path, errors: list[str], warnings: list[str]) 
         except FileNotFoundError as err:
             errors.append(str(err))
             return {}
-        # Incomplete redistributions of GTA5 exist (datasets.md §3): usable, so only warn.
+        # Incomplete redistributions of GTA5 exist: usable, so only warn.
         warnings += [f"{image}: image without label" for image in unlabelled]
         return {"all": pairs}
     lister = {"cityscapes": cityscapes.cityscapes_pairs, "ade20k": ade20k.ade20k_pairs,

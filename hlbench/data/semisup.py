@@ -1,4 +1,4 @@
-"""Semi-supervised splits (semisup.md §7): the published lists, a user's own lists, seeded splits, unlabeled images.
+"""Semi-supervised splits: the lists U2PL and UniMatch published, a user's own lists, seeded splits, unlabeled images.
 
 A split divides a train list into a labeled and an unlabeled part. `data.split` selects it:
   <source>/<fraction>   a list pair shipped in hlbench/data/splits/ (see its PROVENANCE.md), e.g. u2pl/1_16;

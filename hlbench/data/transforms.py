@@ -1,5 +1,6 @@
-"""mmseg-0.x-equivalent train / test pipelines on numpy samples (datasets.md §5-§6), and the weak pipelines of
-U2PL and UniMatch (semisup.md §2.2, §3.3) as options of the same builder.
+"""mmseg-0.x-equivalent train / test pipelines on numpy samples (mmseg/datasets/pipelines/transforms.py), and the
+weak pipelines of U2PL (u2pl/dataset/augmentation.py) and UniMatch (dataset/transform.py) as options of the same
+builder.
 
 A sample is a dict: "img" H×W×3 uint8 RGB, "label" H×W uint8 (255 = ignore); every other 2-D numpy array
 (e.g. "hard") is a per-pixel mask that follows the geometric steps like the label (nearest, padded with 0).
@@ -57,7 +58,7 @@ def sample_rng(seed: int) -> np.random.Generator:
 
 
 def worker_init_fn(worker_id: int) -> None:
-    """DataLoader worker setup: no OpenCV / torch thread pools per worker (performance.md §5.2)."""
+    """DataLoader worker setup: no OpenCV / torch thread pools per worker (as mmseg's setup_multi_processes)."""
     cv2.setNumThreads(0)
     torch.set_num_threads(1)
 
@@ -142,7 +143,7 @@ class RandomLongSide:
 
 
 class TestResize:
-    """Test-time keep-ratio resize of the image only; label and masks stay at the original size (§6)."""
+    """Test-time keep-ratio resize of the image only; label and masks stay at the original size (as mmseg)."""
 
     def __init__(self, scale):
         self.scale = _pair(scale, "test resize.scale [W, H]")
@@ -352,8 +353,8 @@ def _build_resize(resize_cfg):
 def build_train_pipeline(pipeline_cfg) -> Compose:
     """resize -> [pad to the crop] -> crop -> flip -> photometric -> pad -> tensor, from data.train_pipeline.
 
-    mmseg (datasets.md §5) crops first and pads the crop bottom/right afterwards. With a `pad` mapping the image
-    is padded before the crop instead, as U2PL (centred) and UniMatch (bottom/right) do (semisup.md §2.2, §3.3);
+    mmseg (RandomCrop, then Pad) crops first and pads the crop bottom/right afterwards. With a `pad` mapping the image
+    is padded before the crop instead, as U2PL (centred) and UniMatch (bottom/right) do (augmentation.py, transform.py);
     the final pad is then a no-op that records img_hw. U2PL flips before its crop; with a uniform crop offset
     the order only decides which side of a centred pad gets the odd pixel.
     """

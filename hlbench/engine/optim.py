@@ -12,7 +12,7 @@ def build_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
     """One optimiser over the method's param groups ({"params", "lr_mult", "decay_mult"}; Method.param_groups),
     each group's weight decay optim.weight_decay x its decay_mult.
 
-    The HL branch is an ordinary param group of the same optimiser (method.md §6).
+    The HL branch is an ordinary param group of the same optimiser (as in the authors' hl_encoder_decoder.py).
     """
     groups = [{**g, "weight_decay": cfg.weight_decay * g["decay_mult"]} for g in param_groups]
     if cfg.name == "sgd":

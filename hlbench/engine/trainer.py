@@ -346,7 +346,7 @@ class Trainer:
         barrier()
 
     def _finish(self) -> dict:
-        """The recipe's protocol on the final weights (the mmseg tables report this LAST value, results.md §1), the
+        """The recipe's protocol on the final weights (the authors' mmseg tables report this LAST log.json value), the
         selected weights rescored, summary.json."""
         train_time = self.train_time_before + time.perf_counter() - self.fit_start
         final = self.validate(self.total)

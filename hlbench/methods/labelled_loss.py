@@ -29,7 +29,8 @@ AUX_LOSSES = ("ce", "prob_ohem")
 # With the references' OHEM (loss.name=prob_ohem): mask_then_normalise renormalises H over the kept pixels, so a
 # uniform H gives that OHEM exactly; replace puts HL on plain CE, as the fully supervised loss table does.
 HL_OHEM_MODES = ("mask_then_normalise", "replace")
-# The authors' HL knobs (method.md §13) besides the normaliser's scope, which must equal their per-GPU batch.
+# The authors' HL knobs (hl_encoder_decoder.py, their configs) besides the normaliser's scope, which must equal
+# their per-GPU batch.
 HL_REFERENCE = {"lam": 0.01, "offset": 0.1, "ignore": "keep", "detach_features": True, "weight_aux": False,
                 "lr_mult": 1.0, "head_channels": None}
 
@@ -180,7 +181,8 @@ class LabelledLoss:
         logs[f"{head}.acc_seg"] = pixel_accuracy(decode.detach(), seen, self.ignore_index)
 
         if "out0" in out:
-            # The authors' cascade multiplies the same sg(H) into both stages' per-pixel losses (method §8).
+            # The authors' cascade multiplies the same sg(H) into both stages' per-pixel losses
+            # (hl_cascade_encoder_decoder.py).
             stage0 = resize(out["out0"], size, align_corners)
             logs[f"decode_0.{self.loss_key}"] = self._reduce(self.decode_loss(stage0, label), label,
                                                              weights) * self.stage0_weight

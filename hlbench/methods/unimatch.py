@@ -2,7 +2,7 @@
 `dataset/semi.py`: the model labels its own weak views; two strong views (each CutMix-ed with a second unlabeled
 batch) and a feature-perturbed pass learn from those labels where the prediction is confident.
 
-One iteration (semisup.md §3.4):
+One iteration (its `unimatch.py` training loop):
   1. eval mode, no grad: predictions on the mix batch (a second, independently shuffled pass over the unlabeled
      set, used only as the CutMix source);
   2. two strong views of the unlabeled batch and of the mix batch; inside each image's box k, s_k shows the mix
@@ -33,7 +33,7 @@ log = logging.getLogger("hlbench")
 
 # behaviour -> flag values. UniMatch's training code matches its paper; the flag is about model selection: the
 # reference keeps the best score across its evaluation modes (center crop before the last 20 epochs, sliding
-# window after), `sliding_only` the best sliding-window score (semisup.md §3.6).
+# window after), `sliding_only` the best sliding-window score (`previous_best` in the original unimatch.py).
 BEHAVIOURS = {"reference": {"eval_selection": "reference"}, "paper": {"eval_selection": "sliding_only"}}
 FLAG_CHOICES = {"eval_selection": ("reference", "sliding_only")}
 # eval.select_from values that implement each eval_selection (the evaluation side of the loop).

@@ -160,7 +160,7 @@ def build_model(model_cfg, num_classes, hl=None, *, weights_dir=None):
         auxiliary_head = aux_heads[0] if aux_heads else None
     # As the authors' hl_encoder_decoder.py: the HL branch copies the decode-head config with num_classes=1;
     # the aux head is not copied. A cascade copies every stage. U2PL's representation head is not part of the
-    # segmentation path either, so the copy goes without it (semisup.md §5).
+    # segmentation path either, so the copy goes without it.
     hl_cfg = {**head_cfg, "rep_channels": 0} if "rep_channels" in head_cfg else head_cfg
     hl_head = None
     if with_hl and hl_head_channels is None:

@@ -10,7 +10,7 @@ from hlbench.models.pretrained import MIN_LOADED_FRACTION, load_matching, read_t
 # the differences are listed. Rules apply in order, so "module.weigh_head." becomes "hl_head.".
 PREFIX_RENAMES = {
     "module.": "",                     # saved from a DDP-wrapped model
-    "weigh_head.": "hl_head.",         # the authors' HL branch (sic, method.md §3)
+    "weigh_head.": "hl_head.",         # the authors' HL branch (sic, hl_encoder_decoder.py)
     "data_preprocessor.": None,        # mmseg 1.x mean/std buffers: normalisation is done by hlbench.data
 }
 

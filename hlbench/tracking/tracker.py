@@ -104,7 +104,7 @@ class Tracker:
     def _start_wandb(self, config: dict, **init_kwargs) -> None:
         mode = wandb_mode()
         if mode == "offline":
-            # offline init still makes a telemetry call unless error reporting is off (tooling.md)
+            # offline init still makes a telemetry call unless error reporting is off
             os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
         try:
             import wandb
