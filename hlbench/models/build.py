@@ -13,6 +13,7 @@ from hlbench.models.heads import (ASPPHead, ASPPPlusHead, CascadeHead, ConvBNReL
                                   FCNHead, OCRHead, ProjectedHead, PSPHead, UPerHead)
 from hlbench.models.hrnet import HRNet
 from hlbench.models.lraspp_head import LRASPPHead
+from hlbench.models.mask2former import Mask2FormerHead, Mask2FormerSegmentor
 from hlbench.models.mit import MixVisionTransformer
 from hlbench.models.mobilenet import MobileNetV2, MobileNetV3
 from hlbench.models.pretrained import load_pretrained
@@ -30,7 +31,7 @@ BACKBONES = {"resnet_v1c": ResNetV1c, "resnet_v1s": ResNetV1s, "torchvision_resn
 HEADS = {"fcn": FCNHead, "psp": PSPHead, "aspp": ASPPHead, "sep_aspp": DepthwiseSeparableASPPHead,
          "aspp_plus": ASPPPlusHead, "uper": UPerHead, "ocr": OCRHead, "ann": ANNHead, "cc": CCHead, "ema": EMAHead,
          "gc": GCHead, "isa": ISAHead, "nl": NLHead, "psa": PSAHead, "lraspp": LRASPPHead,
-         "segformer": SegformerHead}
+         "segformer": SegformerHead, "mask2former": Mask2FormerHead}
 # Heads with a low-level skip; build_model derives its input width from c1_in_index.
 C1_HEADS = (DepthwiseSeparableASPPHead, ASPPPlusHead)
 # Heads that refine a previous stage's logits; their config holds that stage under `stage0` (OCRNet: an FCN head).
@@ -173,6 +174,8 @@ def build_model(model_cfg, num_classes, hl=None, *, weights_dir=None):
         narrow = [n if isinstance(p, ConvBNReLU) else c for p, c in zip(project, channels)]
         hl_head = ProjectedHead(project, decode(1, {**hl_cfg, "channels": n}, narrow))
     segmentor = CascadeSegmentor if stage0_cfg else Segmentor
+    if isinstance(decode_head, Mask2FormerHead):  # per-query class + mask outputs, its own semantic inference
+        segmentor = Mask2FormerSegmentor
     return segmentor(backbone, decode_head, auxiliary_head, hl_head, align_corners, detach_hl_features)
 
 
