@@ -103,7 +103,9 @@ CPU_STUDIES = ("smoke/", "semisup_synthetic/", "hl_study/")  # the CPU studies' 
 def test_paper_recipes_state_the_reference_layout_and_train_in_fp32(hydra_ctx, name):
     cfg = compose("config", overrides=[f"experiment={name}"])
     ref = cfg.train.reference
-    layouts = {"ade20k/": (4, 4), "backbones/lraspp_mobilenetv3": (4, 4), "backbones/bisenetv2": (4, 4),
+    # The first matching prefix wins: the ADE20K ConvNeXt / Swin rows before the other ADE20K rows.
+    layouts = {"ade20k/upernet_convnext_b": (8, 2), "ade20k/upernet_swin_b": (8, 2), "ade20k/": (4, 4),
+               "segformer/": (4, 4), "backbones/lraspp_mobilenetv3": (4, 4), "backbones/bisenetv2": (4, 4),
                "isaid/": (4, 4), "totaltext/": (4, 4), "semisup/suponly": (4, 4), "semisup/u2pl": (8, 2),
                "semisup/unimatch": (8, 1)}
     expected = next((v for prefix, v in layouts.items() if name.startswith(prefix)), (4, 2))

@@ -68,6 +68,26 @@ def test_test_resize_keeps_label_and_masks_at_original_size():
     assert out["label"] is sample["label"] and out["hard"] is sample["hard"]
 
 
+def test_resize_to_multiple_rounds_each_side_up_and_keeps_label_and_masks():
+    sample = make_sample(37, 70)
+    out = transforms.ResizeToMultiple(32)(sample)
+    # mmcv.imresize_to_multiple(scale_factor=1): ceil(side / 32) * 32, one bilinear cv2 resize (a stretch, no pad)
+    np.testing.assert_array_equal(out["img"], cv2.resize(sample["img"], (96, 64), interpolation=cv2.INTER_LINEAR))
+    assert out["label"] is sample["label"] and out["hard"] is sample["hard"]
+    exact = make_sample(64, 96)
+    np.testing.assert_array_equal(transforms.ResizeToMultiple(32)(exact)["img"], exact["img"])
+
+
+def test_test_pipeline_resizes_to_the_scale_then_to_a_multiple_of_32():
+    # The HL authors' SegFormer test pipeline: Resize((2048, 512), keep_ratio) + ResizeToMultiple(32); an ADE20K
+    # image of 683x512 [W x H] goes to 683x512 and then 704x512, its label stays 683x512 for the evaluator.
+    sample = make_sample(512, 683)
+    out = build_test_pipeline({"resize": {"scale": [2048, 512]}, "resize_to_multiple": 32})(sample, None)
+    assert tuple(out["img"].shape) == (3, 512, 704) and tuple(out["label"].shape) == (512, 683)
+    with pytest.raises(ConfigError, match="resize_to_multiple"):
+        build_test_pipeline({"resize_to_multiple": 0})
+
+
 def test_random_crop_respects_cat_max_ratio_when_possible():
     label = np.zeros((100, 70), np.uint8)
     label[:, 35:] = 1  # a 40-wide crop at x in [0, 30] is balanced (both classes < 75 %) only for 5 < x < 25

@@ -155,6 +155,27 @@ class TestResize:
         return out
 
 
+class ResizeToMultiple:
+    """Test-time image resize so each side is rounded up to a multiple of `divisor` (bilinear); label and masks
+    stay at the original size, like TestResize, because the evaluator resizes the logits back to the label.
+
+    mmseg's ResizeToMultiple (mmcv.imresize_to_multiple with scale_factor 1), which the HL authors' SegFormer test
+    pipeline runs after the keep-ratio Resize; it resizes (stretches) rather than pads.
+    """
+
+    def __init__(self, divisor):
+        if isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1:
+            raise ConfigError(f"data.test_pipeline.resize_to_multiple must be a positive int, got {divisor!r}")
+        self.divisor = divisor
+
+    def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
+        h, w = sample["img"].shape[:2]
+        size = (-(-w // self.divisor) * self.divisor, -(-h // self.divisor) * self.divisor)
+        out = dict(sample)
+        out["img"] = cv2.resize(sample["img"], size, interpolation=cv2.INTER_LINEAR)
+        return out
+
+
 class RandomCrop:
     """Uniform crop of `size` [h, w] with mmseg's cat_max_ratio retry rule (10 re-draws, then unchecked)."""
 
@@ -325,7 +346,7 @@ class Compose:
 
 
 _TRAIN_KEYS = ("resize", "crop", "cat_max_ratio", "flip", "photometric", "pad")
-_TEST_KEYS = ("resize",)
+_TEST_KEYS = ("resize", "resize_to_multiple")
 # resize.mode -> its keys: mmseg's img_scale x ratio (the default), U2PL's scale factor, UniMatch's long side.
 _RESIZE_KEYS = {"ratio": ("mode", "scale", "ratio_range"), "factor": ("mode", "ratio_range"),
                 "long_side": ("mode", "ratio_range")}
@@ -381,13 +402,16 @@ def build_train_pipeline(pipeline_cfg) -> Compose:
 
 
 def build_test_pipeline(pipeline_cfg) -> Compose:
-    """Optional keep-ratio image resize (labels stay at original size) -> tensor, from data.test_pipeline."""
+    """Optional keep-ratio image resize -> optional resize to a multiple (labels stay at original size) -> tensor,
+    from data.test_pipeline."""
     pipeline_cfg = pipeline_cfg or {}
     _check_keys(pipeline_cfg, _TEST_KEYS, "data.test_pipeline")
     resize = pipeline_cfg.get("resize")
     steps = []
     if resize is not None:
         steps.append(TestResize(config_value(resize, "scale", "[W, H]", "data.test_pipeline.resize")))
+    if pipeline_cfg.get("resize_to_multiple") is not None:
+        steps.append(ResizeToMultiple(pipeline_cfg["resize_to_multiple"]))
     return Compose(steps + [ToTensor()])
 
 
