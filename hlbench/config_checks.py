@@ -15,7 +15,7 @@ from .engine.precision import PRECISIONS
 from .hardness import IMAGE_REDUCTIONS
 from .losses import DENOMINATORS, LOSS_NAMES
 from .methods import METHODS
-from .methods.labelled_loss import AUX_LOSSES, HL_IGNORE_MODES, HL_OHEM_MODES, HL_SCOPES
+from .methods.labelled_loss import AUX_LOSSES, HL_IGNORE_MODES, HL_OHEM_MODES, HL_SCOPES, HL_SOURCES
 
 __all__ = ["CHOICES", "ConfigError", "check_config"]
 
@@ -26,6 +26,7 @@ CHOICES = {
     "hl.image_reduce": IMAGE_REDUCTIONS,
     "hl.ignore": HL_IGNORE_MODES,
     "hl.semisup.ohem": HL_OHEM_MODES,
+    "hl.source": HL_SOURCES,
     "loss.aux_name": AUX_LOSSES,
     "loss.ce_denominator": DENOMINATORS,
     "loss.name": LOSS_NAMES,
@@ -100,6 +101,9 @@ def check_config(cfg) -> None:
     if cfg.hl.image_reduce == "sum" and cfg.hl.scope in ("reference", "batch"):
         # Summing per-GPU normalisers would scale the loss with the device layout.
         raise ConfigError(f"hl.image_reduce=sum is for hl.scope=image|group, got hl.scope={cfg.hl.scope}")
+    if cfg.hl.enabled and cfg.hl.source == "fixed" and not cfg.data.get("hl_map_dir"):
+        raise ConfigError("hl.source=fixed needs data.hl_map_dir=<folder of stored HL maps>; python -m hlbench.hlmap "
+                          "export experiment=<HL experiment> checkpoint=<file> out=<folder> writes one")
     if cfg.hl.offset == 0:
         raise ConfigError("hl.offset=0 is not valid; expected > 0 (the offset bounds the weight ratio)")
     channels = cfg.hl.head_channels

@@ -136,9 +136,11 @@ def estimate_train_memory(cfg, num_classes: int, images: int, crop, labeled: int
     img = torch.zeros(images, 3, h, w, device="meta", dtype=half or torch.float32)
     label = torch.zeros(labeled, h, w, device="meta", dtype=torch.int64)
 
+    hl_map = torch.zeros(labeled, h, w, device="meta")  # the batch's stored HL map, used with hl.source=fixed
+
     def step():
         out = {k: v[:labeled] for k, v in model(img).items()}
-        loss(out, label, model.align_corners)
+        loss(out, label, model.align_corners, hl_map=hl_map)
     activations = saved_activation_bytes(step, exclude=params)
     n_params = sum(p.numel() for p in params)
     copies = 2 + _OPTIMIZER_STATE.get(cfg.optim.name, 1)  # fp32 weights and gradients + optimiser state

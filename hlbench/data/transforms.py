@@ -3,8 +3,11 @@ weak pipelines of U2PL (u2pl/dataset/augmentation.py) and UniMatch (dataset/tran
 builder.
 
 A sample is a dict: "img" H×W×3 uint8 RGB, "label" H×W uint8 (255 = ignore); every other 2-D numpy array
-(e.g. "hard") is a per-pixel mask that follows the geometric steps like the label (nearest, padded with 0).
-Other keys pass through. A step is called as `step(sample, rng)` with a numpy Generator and returns a new dict.
+(e.g. "hard") is a per-pixel mask that follows the geometric steps like the label (nearest, padded with 0), except
+a 2-D float array (the stored HL map "hl_map", hlbench/data/hl_maps.py): a continuous map, resized with the image's
+interpolation, padded with its own mean (a uniform map stays uniform) and left alone by photometric steps, as the
+HL authors' Mask2Former pipeline carried its map as an extra image channel. Other keys pass through. A step is
+called as `step(sample, rng)` with a numpy Generator and returns a new dict.
 
 Unlabeled samples (semi-supervised data sets) have no "label" and no "hard"; they carry "pad" instead, an H×W
 uint8 mask that every padding step sets to 1 on the pixels it adds, so after crops and flips it still marks the
@@ -64,12 +67,12 @@ def worker_init_fn(worker_id: int) -> None:
 
 
 def _map_pixels(sample: dict, img_fn, mask_fn) -> dict:
-    """Applies img_fn to "img" and mask_fn to the label and every other 2-D mask."""
+    """Applies img_fn to "img" and to 2-D float maps, mask_fn to the label and every other 2-D mask."""
     out = dict(sample)
     out["img"] = img_fn(sample["img"])
     for key, value in sample.items():
         if key != "img" and isinstance(value, np.ndarray) and value.ndim == 2:
-            out[key] = mask_fn(value)
+            out[key] = img_fn(value) if value.dtype.kind == "f" else mask_fn(value)
     return out
 
 
@@ -259,11 +262,14 @@ class PhotoMetricDistortion:
 
 
 def _pad_sample(sample: dict, top: int, bottom: int, left: int, right: int, image_fill, label_fill: int) -> dict:
-    """Adds the margins to every pixel array: image `image_fill`, label `label_fill`, "pad" 1, other masks 0."""
+    """Adds the margins to every pixel array: image `image_fill`, label `label_fill`, "pad" 1, float maps their mean,
+    other masks 0."""
     out = dict(sample)
     for key, value in sample.items():
         if isinstance(value, np.ndarray) and (key == "img" or value.ndim == 2):
             fill = {"img": image_fill, "label": label_fill, PAD_KEY: 1}.get(key, 0)
+            if key != "img" and value.dtype.kind == "f":
+                fill = float(value.mean())
             h, w = value.shape[:2]
             padded = np.empty((top + h + bottom, left + w + right) + value.shape[2:], value.dtype)
             padded[...] = fill

@@ -14,6 +14,7 @@ import torch
 
 from ..data import build_datasets, split_record
 from ..data.files import check_mapped_labels
+from ..data.hl_maps import attach_hl_maps, uses_fixed_hl_map
 from ..methods import Method, Stream, build_method
 from ..models import build_model
 from .distributed import BatchPlan, DistInfo, plan_batches
@@ -64,6 +65,8 @@ def build_run(cfg, info: DistInfo) -> RunParts:
         allow_tf32(cfg.train.tf32)
 
     datasets = build_datasets(cfg.data, cfg.seed)
+    if uses_fixed_hl_map(cfg.hl):
+        attach_hl_maps(datasets["train"], cfg.data)
     check_mapped_labels(datasets["val"])
     classes = list(datasets["train"].classes)
     model = build_model(cfg.model, num_classes=len(classes), hl=cfg.hl, weights_dir=cfg.weights_dir)

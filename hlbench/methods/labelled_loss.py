@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from ..hardness import hardness_loss
 from ..labels import IGNORE_INDEX
 from ..losses import (LOSS_KEYS, kept_mean, make_pixel_loss, pixel_accuracy, pixel_cross_entropy,
@@ -29,6 +30,9 @@ AUX_LOSSES = ("ce", "prob_ohem")
 # With the references' OHEM (loss.name=prob_ohem): mask_then_normalise renormalises H over the kept pixels, so a
 # uniform H gives that OHEM exactly; replace puts HL on plain CE, as the fully supervised loss table does.
 HL_OHEM_MODES = ("mask_then_normalise", "replace")
+# Where H comes from: online, the HL branch trained in the same run (the paper); fixed, the stored map of another
+# run's HL branch that the batch carries as "hl_map" (data.hl_map_dir, hlbench/data/hl_maps.py), with no L_h.
+HL_SOURCES = ("online", "fixed")
 # The authors' HL knobs (hl_encoder_decoder.py, their configs) besides the normaliser's scope, which must equal
 # their per-GPU batch.
 HL_REFERENCE = {"lam": 0.01, "offset": 0.1, "ignore": "keep", "detach_features": True, "weight_aux": False,
@@ -74,11 +78,15 @@ class LabelledLoss:
         per_device: images per device micro-batch, which decides the per-GPU grouping.
         hl_weighted: whether sg(H) weights the decode loss (the method's "sup" in hl.semisup.apply_to). Without it
             a model's HL branch still learns L_h from the labelled pixels' plain loss.
+
+    With hl.source=fixed, H comes from the `hl_map` the call is given (the batch's stored map, already at label
+    size) through the same hardness_loss as the online branch's D; its L_h is dropped, since nothing learns H.
     """
 
     def __init__(self, cfg, per_device: int, hl_weighted: bool = True, ignore_index: int = IGNORE_INDEX):
         self.hl, loss = cfg.hl, cfg.loss
         self.hl_weighted = hl_weighted
+        self.fixed_map = bool(self.hl.enabled) and self.hl.get("source", "online") == "fixed"
         self.ignore_index = ignore_index
         self.per_device = per_device
         ref = cfg.train.reference
@@ -127,6 +135,8 @@ class LabelledLoss:
         """"reference" only when every HL knob and the normaliser's scope and the global batch equal the authors'."""
         if not self.hl.enabled:
             return "off"
+        if self.fixed_map:
+            return "fixed_map"
         gpus, per_gpu = self.reference
         same = (all(self.hl[k] == v for k, v in HL_REFERENCE.items()) and self.normaliser_images == per_gpu
                 and self.global_batch == gpus * per_gpu and (self.scope == "batch" or self.hl.image_reduce == "mean"))
@@ -153,7 +163,8 @@ class LabelledLoss:
         keep = prob_ohem_keep_mask(logits, label, self.ignore_index, *self.ohem, group=self.group)
         return pixel_cross_entropy(logits, label, self.ignore_index) * keep, keep
 
-    def __call__(self, out: dict, label: torch.Tensor, align_corners: bool) -> LabelledTerms:
+    def __call__(self, out: dict, label: torch.Tensor, align_corners: bool,
+                 hl_map: torch.Tensor | None = None) -> LabelledTerms:
         size = label.shape[-2:]
         logs: dict[str, torch.Tensor] = {}
         # The authors' FocalSoftmax sets ignored labels to 0 in place (their focal_loss_softmax.py), so everything
@@ -165,12 +176,21 @@ class LabelledLoss:
         decode = resize(out["out"], size, align_corners)
         decode_pix, keep = self._prob_ohem(decode, label) if self.prob_ohem else (self.decode_loss(decode, label), None)
         seg = weights = l_h = None
-        if "hl" in out:
+        hl_logits = out.get("hl")
+        if self.fixed_map:
+            if hl_map is None:
+                raise ConfigError("hl.source=fixed, but the batch carries no stored HL map: set data.hl_map_dir to a "
+                                  "folder of python -m hlbench.hlmap export (methods other than supervised do not "
+                                  "pass it yet)")
+            hl_logits = hl_map[:, None]
+        if hl_logits is not None:
             # Sigmoid + normalisation happen after the resize to the label size, as in the reference.
             valid = (label != self.ignore_index) if self.hl.ignore == "exclude" else keep
             weighted, l_h, hl_weights = hardness_loss(
-                decode_pix, resize(out["hl"], size, align_corners), lam=self.hl.lam, offset=self.hl.offset,
+                decode_pix, resize(hl_logits, size, align_corners), lam=self.hl.lam, offset=self.hl.offset,
                 scope=self.scope, valid_mask=valid, group_size=self.group_size, image_reduce=self.hl.image_reduce)
+            if self.fixed_map:
+                l_h = None  # a stored map is not trained: no L_h term
             if self.hl_weighted:
                 seg, weights = weighted, hl_weights
         if seg is None:

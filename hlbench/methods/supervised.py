@@ -24,7 +24,8 @@ class Supervised(Method):
 
     def step(self, model, batches, it):
         batch = batches["labeled"]
-        terms = self.loss(model(batch["img"]), batch["label"], self.align_corners)
+        # With hl.source=fixed the batch carries each image's stored HL map (data.hl_map_dir) for the loss.
+        terms = self.loss(model(batch["img"]), batch["label"], self.align_corners, hl_map=batch.get("hl_map"))
         loss = terms.seg + terms.hl + terms.aux
         terms.logs["loss"] = loss.detach()  # mmseg's total of every logged loss
         return loss, terms.logs

@@ -121,7 +121,9 @@ def build_model(model_cfg, num_classes, hl=None, *, weights_dir=None):
     """
     hl = hl if hl is not None else {}
     # Defaults as hlbench/conf/config.yaml's, for callers that pass a partial node (tests, notebooks).
-    with_hl, detach_hl_features = bool(hl.get("enabled", False)), bool(hl.get("detach_features", True))
+    # hl.source=fixed takes H from stored maps (hlbench/data/hl_maps.py): no HL branch to build.
+    with_hl = bool(hl.get("enabled", False)) and hl.get("source", "online") == "online"
+    detach_hl_features = bool(hl.get("detach_features", True))
     hl_head_channels = hl.get("head_channels")
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     for key in ("backbone", "head"):
