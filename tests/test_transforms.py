@@ -61,6 +61,27 @@ def test_random_resize_ratio_range_floors_the_scaled_target():
     assert out["img"].shape[1::-1] == expected
 
 
+@pytest.mark.parametrize("h, w, short, expected", [
+    (512, 683, 256, (342, 256)),     # ADE20K landscape: short side 256, long side 683 * 0.5 = 341.5 rounded up
+    (683, 512, 1024, (1024, 1366)),  # portrait: the short side is the width
+    (512, 2000, 1024, (2048, 524)),  # long side past max_size 2048: both scaled down, then rounded
+])
+def test_shortest_edge_resize_draws_a_short_side_and_caps_the_long_side(h, w, short, expected):
+    resize = transforms.RandomShortestEdge([256, 512, 1024], max_size=2048)
+    assert resize.target(h, w, short) == expected
+    # The drawn scale is scales[rng.integers(3)]; image, label and float map follow it.
+    sample = {**make_sample(h // 8, w // 8), "hl_map": np.ones((h // 8, w // 8), np.float32)}
+    out = resize(sample, ScriptedRng([[256, 512, 1024].index(short)], []))
+    size = rescale_size(w // 8, h // 8, resize.target(h // 8, w // 8, short))
+    assert out["img"].shape[1::-1] == out["label"].shape[::-1] == out["hl_map"].shape[::-1] == size
+    assert set(np.unique(out["label"])) <= set(range(5)) and np.allclose(out["hl_map"], 1)
+    pipeline = build_train_pipeline({"resize": {"mode": "shortest_edge", "scales": [16, 24], "max_size": 64},
+                                     "crop": [8, 8]})
+    assert pipeline(make_sample(), np.random.default_rng(0))["img"].shape == (3, 8, 8)
+    with pytest.raises(ConfigError, match="resize.max_size"):
+        build_train_pipeline({"crop": [8, 8], "resize": {"mode": "shortest_edge", "scales": [16], "max_size": 8}})
+
+
 def test_test_resize_keeps_label_and_masks_at_original_size():
     sample = make_sample(20, 40)
     out = transforms.TestResize((80, 40))(sample)

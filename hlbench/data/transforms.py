@@ -101,6 +101,38 @@ class RandomResize:
                            lambda m: cv2.resize(m, size, interpolation=cv2.INTER_NEAREST))
 
 
+class RandomShortestEdge:
+    """mmseg 1.x's RandomChoiceResize(scales, resize_type=ResizeShortestEdge, max_size), the Mask2Former recipes'
+    train resize: a short side drawn uniformly from `scales`, the long side in proportion, both scaled down together
+    if the long side would pass `max_size`, each rounded (detectron2's ResizeShortestEdge law, which mmseg copies);
+    then, as mmseg, a keep-ratio Resize to that (W, H), whose own rounding can move a side by one pixel."""
+
+    def __init__(self, scales, max_size):
+        if not scales or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in scales):
+            raise ConfigError(f"data.train_pipeline.resize.scales must be a non-empty list of positive ints, got "
+                              f"{scales!r}")
+        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < max(scales):
+            raise ConfigError(f"data.train_pipeline.resize.max_size must be an int >= the largest scale, got "
+                              f"{max_size!r}")
+        self.scales, self.max_size = [int(s) for s in scales], int(max_size)
+
+    def target(self, h: int, w: int, short: int) -> tuple[int, int]:
+        """(W, H) of ResizeShortestEdge for an h x w image and short side `short`."""
+        scale = short / min(h, w)
+        new_h, new_w = (short, scale * w) if h < w else (scale * h, short)
+        if max(new_h, new_w) > self.max_size:
+            shrink = self.max_size / max(new_h, new_w)
+            new_h, new_w = new_h * shrink, new_w * shrink
+        return int(new_w + 0.5), int(new_h + 0.5)
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        h, w = sample["img"].shape[:2]
+        short = self.scales[int(rng.integers(len(self.scales)))]
+        size = rescale_size(w, h, self.target(h, w, short))
+        return _map_pixels(sample, lambda a: cv2.resize(a, size, interpolation=cv2.INTER_LINEAR),
+                           lambda m: cv2.resize(m, size, interpolation=cv2.INTER_NEAREST))
+
+
 class RandomScaleFactor:
     """U2PL's RandResize: the image's own size times s, with s ~ U(lo, 1) or U(1, hi) with probability 0.5 each.
 
@@ -353,9 +385,10 @@ class Compose:
 
 _TRAIN_KEYS = ("resize", "crop", "cat_max_ratio", "flip", "photometric", "pad")
 _TEST_KEYS = ("resize", "resize_to_multiple")
-# resize.mode -> its keys: mmseg's img_scale x ratio (the default), U2PL's scale factor, UniMatch's long side.
+# resize.mode -> its keys: mmseg's img_scale x ratio (the default), U2PL's scale factor, UniMatch's long side,
+# mmseg 1.x Mask2Former's random shortest edge.
 _RESIZE_KEYS = {"ratio": ("mode", "scale", "ratio_range"), "factor": ("mode", "ratio_range"),
-                "long_side": ("mode", "ratio_range")}
+                "long_side": ("mode", "ratio_range"), "shortest_edge": ("mode", "scales", "max_size")}
 _PAD_KEYS = ("mode", "image_fill", "label_fill")
 
 
@@ -373,6 +406,9 @@ def _build_resize(resize_cfg):
     _check_keys(resize_cfg, _RESIZE_KEYS[mode], f"{where} (mode {mode})")
     if mode == "ratio":
         return RandomResize(config_value(resize_cfg, "scale", "[W, H]", where), resize_cfg.get("ratio_range"))
+    if mode == "shortest_edge":
+        return RandomShortestEdge(list(config_value(resize_cfg, "scales", "[short sides]", where)),
+                                  config_value(resize_cfg, "max_size", "the long side's limit", where))
     ratio_range = config_value(resize_cfg, "ratio_range", "[lo, hi]", where)
     return RandomScaleFactor(ratio_range) if mode == "factor" else RandomLongSide(ratio_range)
 
