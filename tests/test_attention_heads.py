@@ -2,8 +2,8 @@
 attention against its definition, the zero inits, EMANet's bases, mmseg key names, HL copies."""
 import pytest
 import torch
-from hydra import compose
 
+from hlbench.compose import compose
 from hlbench.models import build_model
 from hlbench.models.attention_heads import (ANNHead, CCHead, CrissCrossAttention, EMAHead, GCHead, ISAHead, NLHead,
                                             PSAHead, psa_mask)
@@ -189,7 +189,7 @@ MODELS = ["ann_r101", "ccnet_r101", "emanet_r101", "gcnet_r101", "isanet_r101", 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_model_config_builds_with_its_hl_copy(hydra_ctx, name):
-    cfg = compose("config", overrides=[f"model={name}", *SMALL, "hl.enabled=true"])
+    cfg = compose([f"model={name}", *SMALL, "hl.enabled=true"])
     model = build_model(cfg.model, num_classes=3, hl=cfg.hl).train()
     assert type(model.hl_head) is type(model.decode_head) and model.hl_head.num_classes == 1
     assert model.auxiliary_head.convs[0].conv.in_channels == model.backbone.out_channels[2]
@@ -199,7 +199,7 @@ def test_model_config_builds_with_its_hl_copy(hydra_ctx, name):
 
 def test_hl_copies_keep_zero_inits_and_own_bases(hydra_ctx):
     def build(name):
-        cfg = compose("config", overrides=[f"model={name}", *SMALL, "hl.enabled=true"])
+        cfg = compose([f"model={name}", *SMALL, "hl.enabled=true"])
         return build_model(cfg.model, num_classes=3, hl=cfg.hl)
 
     assert build("ccnet_r101").hl_head.cca.gamma.scale.item() == 0
@@ -215,7 +215,7 @@ def test_hl_copies_keep_zero_inits_and_own_bases(hydra_ctx):
 
 @pytest.mark.parametrize("name, read", [("ann_r101", {2, 3}), ("psanet_r101", {3}), ("emanet_r101", {3})])
 def test_light_hl_head(hydra_ctx, name, read):
-    cfg = compose("config", overrides=[f"model={name}", *SMALL, "hl.enabled=true", "hl.head_channels=4"])
+    cfg = compose([f"model={name}", *SMALL, "hl.enabled=true", "hl.head_channels=4"])
     model = build_model(cfg.model, num_classes=3, hl=cfg.hl).train()
     assert {i for i, p in enumerate(model.hl_head.project) if not isinstance(p, torch.nn.Identity)} == read
     assert model.hl_head.channels == 4

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose
 from omegaconf import OmegaConf, open_dict
 
 import hlbench.models
+from hlbench.compose import compose
 from hlbench.errors import ConfigError
 from hlbench.losses import pixel_cross_entropy
 from hlbench.methods import LabelledLoss
@@ -87,7 +87,7 @@ def _tiny(hl_overrides=(), aux_weights=None):
     overrides = ["model=tiny/bisenetv2", "hl.enabled=true", *hl_overrides]
     if aux_weights is not None:
         overrides += [f"model.aux.{i}.loss_weight={w}" for i, w in enumerate(aux_weights)]
-    cfg = compose("config", overrides=overrides)
+    cfg = compose(overrides)
     torch.manual_seed(0)
     return cfg, build_model(cfg.model, num_classes=3, hl=cfg.hl).train()
 

@@ -2,10 +2,9 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose
 from omegaconf import OmegaConf
 
-from hlbench.compose import compose as compose_run_config
+from hlbench.compose import compose
 from hlbench.config_checks import check_config
 from hlbench.errors import ConfigError
 from hlbench.suites import load_suite, suite_cards
@@ -27,7 +26,7 @@ def test_configs_were_found():
 @pytest.mark.parametrize("name", EXPERIMENT_NAMES)
 @pytest.mark.parametrize("profile", [[], ["profile=smoke"]])
 def test_experiment_composes(hydra_ctx, name, profile):
-    cfg = compose_run_config([f"experiment={name}"] + profile)  # profile=smoke: the family's tiny model
+    cfg = compose([f"experiment={name}"] + profile)  # profile=smoke: the family's tiny model
     OmegaConf.to_container(cfg, resolve=True)
     check_config(cfg)
     if profile:
@@ -36,11 +35,11 @@ def test_experiment_composes(hydra_ctx, name, profile):
 
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_group_option_composes(hydra_ctx, group, option):
-    cfg = compose("config", overrides=[f"{group}={option}"])
+    cfg = compose([f"{group}={option}"])
     if cfg.train.epochs is not None:  # a schedule in epochs needs a data set with a labeled / unlabeled split
         with pytest.raises(ConfigError, match=r"^train.iters: data.name='synthetic' has no labeled / unlabeled"):
             check_config(cfg)
-        cfg = compose("config", overrides=[f"{group}={option}", "data=cityscapes_semisup_769"])
+        cfg = compose([f"{group}={option}", "data=cityscapes_semisup_769"])
     OmegaConf.to_container(cfg, resolve=True)
     check_config(cfg)
 
@@ -59,19 +58,19 @@ def test_experiment_files_are_baselines():
 
 
 def test_cli_override_beats_experiment(hydra_ctx):
-    cfg = compose("config", overrides=["experiment=smoke/pspnet_r18_tiny", "optim.lr=0.02", "model=pspnet_r50"])
+    cfg = compose(["experiment=smoke/pspnet_r18_tiny", "optim.lr=0.02", "model=pspnet_r50"])
     assert cfg.optim.lr == 0.02 and cfg.model.name == "pspnet_r50" and cfg.hl.lr_mult == 10
 
 
 def test_unknown_key_rejected(hydra_ctx):
     with pytest.raises(Exception, match="train.itres"):
-        compose("config", overrides=["train.itres=5"])
+        compose(["train.itres=5"])
 
 
 @pytest.mark.parametrize("override,key", [("hl.scope=pixel", "hl.scope"), ("train.iters=0", "train.iters"),
                                           ("optim.name=rmsprop", "optim.name"), ("eval.mode=slide", "eval.mode")])
 def test_bad_value_names_the_key(hydra_ctx, override, key):
-    cfg = compose("config", overrides=[override])
+    cfg = compose([override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_config(cfg)
 
@@ -80,7 +79,7 @@ def test_hl_variant_tag(hydra_ctx):
     from hlbench.methods import LabelledLoss
 
     def variant(overrides, per_device=8):
-        return LabelledLoss(compose("config", overrides=overrides), per_device).variant()
+        return LabelledLoss(compose(overrides), per_device).variant()
 
     paper = ["experiment=fullsup/pspnet_r101", "hl.enabled=true"]
     assert variant(paper) == "reference"           # one GPU x 8 = 4 groups of 2, as 4 GPUs x 2
@@ -101,7 +100,7 @@ CPU_STUDIES = ("smoke/", "semisup_synthetic/", "hl_study/")  # the CPU studies' 
 
 @pytest.mark.parametrize("name", [n for n in EXPERIMENT_NAMES if not n.startswith(CPU_STUDIES)])
 def test_paper_recipes_state_the_reference_layout_and_train_in_fp32(hydra_ctx, name):
-    cfg = compose("config", overrides=[f"experiment={name}"])
+    cfg = compose([f"experiment={name}"])
     ref = cfg.train.reference
     # The first matching prefix wins: the ADE20K ConvNeXt / Swin rows before the other ADE20K rows.
     layouts = {"ade20k/upernet_convnext_b": (8, 2), "ade20k/upernet_swin_b": (8, 2), "ade20k/": (4, 4),

@@ -3,9 +3,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from hydra import compose
 from PIL import Image
 
+from hlbench.compose import compose
 from hlbench.data import ADE20K, GTA5, Cityscapes, build_datasets
 from hlbench.data.__main__ import main
 from hlbench.data.cityscapes import CLASSES, ID_TO_TRAIN_ID
@@ -187,7 +187,7 @@ def test_data_configs_build_datasets(hydra_ctx, tmp_path, config, name):
     cs = make_cityscapes(tmp_path / "cs", train_ids=True)
     roots = {"cityscapes": [f"data.root={cs}"], "ade20k": [f"data.root={make_ade(tmp_path / 'ade')}"],
              "gta5_to_cityscapes": [f"data.root={make_gta(tmp_path / 'gta')}", f"data.cityscapes_root={cs}"]}
-    cfg = compose("config", overrides=[f"data={config}"] + roots[name])
+    cfg = compose([f"data={config}"] + roots[name])
     assert cfg.data.name == name
     sets = build_datasets(cfg.data, seed=0)
     train, val = sets["train"][0], sets["val"][0]
@@ -202,7 +202,7 @@ def test_data_configs_build_datasets(hydra_ctx, tmp_path, config, name):
 
 
 def test_synthetic_data_meets_the_data_set_contract_with_its_hardness_bits(hydra_ctx):
-    cfg = compose("config", overrides=["data=synthetic", "data.train.num_images=2", "data.val.num_images=2",
+    cfg = compose(["data=synthetic", "data.train.num_images=2", "data.val.num_images=2",
                                        "data.pregenerate=false"])
     sets = build_datasets(cfg.data, seed=0)
     for split in ("train", "val"):

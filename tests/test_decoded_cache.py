@@ -4,9 +4,9 @@ import functools
 import numpy as np
 import pytest
 import torch
-from hydra import compose
 
 import hlbench.data.files as files
+from hlbench.compose import compose
 from hlbench.data import Cityscapes, build_datasets
 from hlbench.data.bad_samples import BadSampleError
 from hlbench.data.decoded_cache import DecodedCache
@@ -35,7 +35,7 @@ def _same(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("train_ids", [False, True])
 def test_cached_items_equal_decoded_ones_and_each_file_is_decoded_once(hydra_ctx, tmp_path, monkeypatch, train_ids):
     root = make_cityscapes(tmp_path / "cs", train_ids=train_ids)
-    pipeline = build_train_pipeline(compose("config", overrides=["data=cityscapes_769",
+    pipeline = build_train_pipeline(compose(["data=cityscapes_769",
                                                                  "data.train_pipeline.crop=[24,24]"]).data.train_pipeline)
     plain, cached = Cityscapes(root, "train", pipeline, aug_seed=3), Cityscapes(root, "train", pipeline, aug_seed=3)
     cached.decoded = DecodedCache(tmp_path / "cache")

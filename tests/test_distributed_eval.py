@@ -3,9 +3,10 @@ the single-process confusion matrix, metrics and HL-map AUROC."""
 import pytest
 import torch
 
-from hydra import compose, initialize_config_module
+from hydra import initialize_config_module
 from omegaconf import OmegaConf
 
+from hlbench.compose import compose
 from hlbench.data import build_datasets
 from hlbench.engine.evaluator import evaluate
 from hlbench.models import build_model
@@ -21,7 +22,7 @@ OVERRIDES = ["logger=none", "data.val.num_images=5", "data.val.size=[64,64]", "d
 
 def _config():
     with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
-        return OmegaConf.to_container(compose("config", overrides=OVERRIDES), resolve=True)
+        return OmegaConf.to_container(compose(OVERRIDES), resolve=True)
 
 
 def _evaluate(plain: dict) -> dict:

@@ -1,7 +1,7 @@
 """Schedules in epochs (hlbench/epochs.py): iterations follow from the split's size as the references count them."""
 import pytest
-from hydra import compose
 
+from hlbench.compose import compose
 from hlbench.config_checks import check_config
 from hlbench.epochs import iterations_per_epoch
 from hlbench.errors import ConfigError
@@ -27,7 +27,7 @@ def test_an_epoch_is_a_pass_of_padded_per_gpu_shares():
     ("semisup/unimatch_suponly_1_2", 240 * 186, 186),
 ])
 def test_semisup_experiments_derive_their_schedule_from_the_split(hydra_ctx, experiment, iters, per_epoch):
-    cfg = compose("config", overrides=[f"experiment={experiment}"])
+    cfg = compose([f"experiment={experiment}"])
     assert (cfg.train.iters, cfg.train.eval_interval) == (iters, per_epoch)
     if cfg.method.name == "u2pl":
         assert cfg.method.epochs == cfg.train.epochs == 200  # the drop and EMA schedules span the run's epochs
@@ -37,14 +37,14 @@ def test_a_changed_split_list_changes_the_schedule(hydra_ctx, tmp_path):
     for name, count in (("labeled.txt", 20), ("unlabeled.txt", 100)):
         (tmp_path / name).write_text("".join(f"leftImg8bit/train/c/c_{name[0]}{i}_leftImg8bit.png\n"
                                              for i in range(count)))
-    cfg = compose("config", overrides=["experiment=semisup/u2pl_1_16", f"data.split={tmp_path}"])
+    cfg = compose(["experiment=semisup/u2pl_1_16", f"data.split={tmp_path}"])
     assert (cfg.train.iters, cfg.train.eval_interval) == (200 * 6, 6)  # 13 per GPU, 6 full batches of 2
 
 
 def test_an_epoch_schedule_without_a_split_is_one_line(hydra_ctx):
-    cfg = compose("config", overrides=["experiment=semisup/u2pl_1_16", "data=cityscapes_769"])
+    cfg = compose(["experiment=semisup/u2pl_1_16", "data=cityscapes_769"])
     with pytest.raises(ConfigError, match=r"^train.iters: data.name='cityscapes' has no labeled / unlabeled split"):
         check_config(cfg)
-    cfg = compose("config", overrides=["experiment=semisup/u2pl_1_16", "train.epoch.stream=both"])
+    cfg = compose(["experiment=semisup/u2pl_1_16", "train.epoch.stream=both"])
     with pytest.raises(ConfigError, match=r"train.epoch.stream must be one of \('labeled', 'unlabeled'\)"):
         check_config(cfg)

@@ -2,9 +2,9 @@
 the losses in fp32 (CPU bf16 autocast stands in for CUDA's here)."""
 import pytest
 import torch
-from hydra import compose
 from omegaconf import OmegaConf
 
+from hlbench.compose import compose
 from hlbench.engine.distributed import plan_batches
 from hlbench.hardness import hardness_weights
 from hlbench.methods import build_method
@@ -16,7 +16,7 @@ from tests.conftest import SMOKE_HL
 
 
 def _step(hydra_overrides, bf16):
-    cfg = compose("config", overrides=[*SMOKE_HL, "logger=none", *hydra_overrides])
+    cfg = compose([*SMOKE_HL, "logger=none", *hydra_overrides])
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=12, hl=cfg.hl).train()
     method = build_method(cfg)
@@ -57,7 +57,7 @@ def test_bf16_hl_losses_match_fp32(hydra_ctx, overrides):
 @pytest.mark.parametrize("experiment", ["fullsup/pspnet_r101+hl", "semisup/unimatch_1_8+hl",
                                         "dg/deeplabv3plus_r101+hl"])
 def test_speed_profile_changes_only_the_speed_switches(hydra_ctx, experiment):
-    plain, fast = (flatten(OmegaConf.to_container(compose("config", overrides=[*run_overrides(experiment), *extra]),
+    plain, fast = (flatten(OmegaConf.to_container(compose([*run_overrides(experiment), *extra]),
                                                   resolve=True))
                    for extra in ([], ["profile=fast"]))
     changed = {key for key in plain.keys() | fast.keys() if plain.get(key) != fast.get(key)}

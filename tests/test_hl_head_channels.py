@@ -2,8 +2,8 @@
 tagged as custom."""
 import pytest
 import torch
-from hydra import compose
 
+from hlbench.compose import compose
 from hlbench.config_checks import ConfigError, check_config
 from hlbench.methods import LabelledLoss
 from hlbench.models import build_model
@@ -14,7 +14,7 @@ SMALL = ["model.backbone.pretrained=none", "model.backbone.depth=18", "model.bac
 
 
 def test_light_head_narrows_only_the_hl_copy(hydra_ctx):
-    cfg = compose("config", overrides=["model=deeplabv3plus_r50", *SMALL, "hl.head_channels=8"])
+    cfg = compose(["model=deeplabv3plus_r50", *SMALL, "hl.head_channels=8"])
     model = build_model(cfg.model, num_classes=5, hl=cfg.hl).train()
     assert model.decode_head.channels == 32 and model.hl_head.channels == 8
     head = model.hl_head.head
@@ -34,7 +34,7 @@ def test_light_head_narrows_only_the_hl_copy(hydra_ctx):
 @pytest.mark.parametrize("name, read", [("pspnet_r50", {3}), ("upernet_r50", {0, 1, 2, 3}), ("fcn_r101", {3}),
                                         ("deeplabv3_r101", {3}), ("ocrnet_r101", {2, 3})])  # OCR: stage 0 reads 2
 def test_light_head_reads_projected_stages_for_every_head_type(hydra_ctx, name, read):
-    cfg = compose("config", overrides=[f"model={name}", *SMALL, "hl.head_channels=4"])
+    cfg = compose([f"model={name}", *SMALL, "hl.head_channels=4"])
     model = build_model(cfg.model, num_classes=3, hl=cfg.hl).train()
     assert {i for i, p in enumerate(model.hl_head.project) if not isinstance(p, torch.nn.Identity)} == read
     out = model(torch.randn(2, 3, 64, 64))
@@ -45,7 +45,7 @@ def test_light_head_reads_projected_stages_for_every_head_type(hydra_ctx, name, 
 def test_head_channels_is_checked_and_makes_the_variant_custom(hydra_ctx):
     for bad in ("0", "true", "1.5"):
         with pytest.raises(ConfigError, match="hl.head_channels"):
-            check_config(compose("config", overrides=[f"hl.head_channels={bad}"]))
+            check_config(compose([f"hl.head_channels={bad}"]))
     paper = ["experiment=fullsup/pspnet_r101", "hl.enabled=true"]
-    assert LabelledLoss(compose("config", overrides=paper), 8).variant() == "reference"
-    assert LabelledLoss(compose("config", overrides=paper + ["hl.head_channels=64"]), 8).variant() == "custom"
+    assert LabelledLoss(compose(paper), 8).variant() == "reference"
+    assert LabelledLoss(compose(paper + ["hl.head_channels=64"]), 8).variant() == "custom"

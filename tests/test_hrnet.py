@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose
 from omegaconf import OmegaConf
 
+from hlbench.compose import compose
 from hlbench.errors import BadFileError, ConfigError
 from hlbench.models import build_model, load_pretrained
 from hlbench.models.heads import CascadeHead, FCNHead, OCRHead, ProjectedHead, PSPHead
@@ -22,7 +22,7 @@ MODEL_DIR = Path(__file__).resolve().parents[1] / "hlbench" / "conf" / "model"
 
 
 def _model_cfg(name):
-    with_defaults = compose("config", overrides=[f"model={name}", "model.backbone.pretrained=none"])
+    with_defaults = compose([f"model={name}", "model.backbone.pretrained=none"])
     return with_defaults.model
 
 

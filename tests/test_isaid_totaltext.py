@@ -7,9 +7,9 @@ import zipfile
 import cv2
 import numpy as np
 import pytest
-from hydra import compose
 from PIL import Image
 
+from hlbench.compose import compose
 from hlbench.data import build_datasets
 from hlbench.data.__main__ import main
 from hlbench.data.isaid import PALETTE, window_starts
@@ -137,7 +137,7 @@ def test_mock_isaid_prepares_checks_and_loads_as_the_config_says(hydra_ctx, tmp_
     counts, errors, warnings = check_dataset("isaid", root)
     assert counts == {"train": 4, "val": 4} and errors == [] and "33978" in warnings[0]
     assert len(list((root / "img_dir" / "test").glob("*.png"))) == 2
-    cfg = compose("config", overrides=["data=isaid", f"data.root={root}"])
+    cfg = compose(["data=isaid", f"data.root={root}"])
     sets = build_datasets(cfg.data, seed=0)
     assert len(sets["train"].classes) == 16 and sets["train"].classes[0] == "background"
     train, val = sets["train"][0], sets["val"][0]
@@ -173,7 +173,7 @@ def test_mock_totaltext_prepares_checks_and_loads_as_the_config_says(hydra_ctx, 
     assert image.read_bytes() == raw.read_bytes() and os.stat(image).st_ino == os.stat(raw).st_ino
     counts, errors, _ = check_dataset("totaltext", root)
     assert counts == {"train": 2, "val": 2} and errors == []
-    cfg = compose("config", overrides=["data=totaltext", f"data.root={root}"])
+    cfg = compose(["data=totaltext", f"data.root={root}"])
     sets = build_datasets(cfg.data, seed=0)
     assert sets["val"].classes == ["Backgroud", "Character"] and cfg.data.metric == "fgIoU"
     train, val = sets["train"][0], sets["val"][0]

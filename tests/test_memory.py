@@ -1,8 +1,8 @@
 """The training-memory estimate: saved tensors counted once per storage, the same on `meta` as on real tensors."""
 import pytest
 import torch
-from hydra import compose
 
+from hlbench.compose import compose
 from hlbench.engine import trainer
 from hlbench.errors import ConfigError
 from hlbench.memory import GiB, MemoryEstimate, _cgroup_memory_left, estimate_train_memory, saved_activation_bytes
@@ -25,7 +25,7 @@ def test_a_tensor_saved_twice_is_counted_once():
 
 
 def _cfg(*overrides):
-    return compose("config", overrides=[*SMOKE_HL, "logger=none", *overrides])
+    return compose([*SMOKE_HL, "logger=none", *overrides])
 
 
 def test_meta_estimate_equals_the_count_on_real_tensors(hydra_ctx):

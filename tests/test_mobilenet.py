@@ -4,8 +4,8 @@ both HL heads. Logit parity with mmseg itself is analysis/mmseg_parity.py's."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose
 
+from hlbench.compose import compose
 from hlbench.errors import ConfigError
 from hlbench.models import build_model, load_pretrained
 from hlbench.models.lraspp_head import LRASPPHead
@@ -76,7 +76,7 @@ def test_v2_loads_an_mmcls_imagenet_checkpoint_with_a_report(tmp_path):
 
 @pytest.mark.parametrize("head_channels", [None, 8])
 def test_pspnet_mobilenetv2_with_both_hl_heads(hydra_ctx, head_channels):
-    cfg = compose("config", overrides=["model=pspnet_mobilenetv2", "model.backbone.pretrained=none",
+    cfg = compose(["model=pspnet_mobilenetv2", "model.backbone.pretrained=none",
                                        "model.backbone.width_mult=0.25", "model.head.channels=16",
                                        "model.aux.channels=8", "hl.enabled=true",
                                        f"hl.head_channels={head_channels or 'null'}"])
@@ -136,7 +136,7 @@ def test_lraspp_image_pool_and_bad_inputs():
 
 @pytest.mark.parametrize("head_channels", [None, 8])
 def test_lraspp_mobilenetv3_with_both_hl_heads(hydra_ctx, head_channels):
-    cfg = compose("config", overrides=["model=lraspp_mobilenetv3", "model.backbone.pretrained=none",
+    cfg = compose(["model=lraspp_mobilenetv3", "model.backbone.pretrained=none",
                                        "model.head.channels=16", "hl.enabled=true",
                                        f"hl.head_channels={head_channels or 'null'}"])
     model = build_model(cfg.model, num_classes=3, hl=cfg.hl).train()

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose
 from omegaconf import OmegaConf
 from torch import nn
 
+from hlbench.compose import compose
 from hlbench.config_checks import check_config
 from hlbench.engine.optim import build_optimizer, lr_at, set_lr
 from hlbench.engine.param_groups import param_groups
@@ -214,7 +214,7 @@ def test_without_paramwise_rules_the_groups_are_the_method_multipliers_alone():
     ("cityscapes_convnext_40k", _convnext_like, {(1.0, 1.0): 6, (round(0.9 ** 9, 12), 1.0): 3}),
 ])
 def test_recipes_build_their_groups_and_weight_decays(hydra_ctx, recipe, model, expected):
-    cfg = compose("config", overrides=[f"recipe={recipe}"])
+    cfg = compose([f"recipe={recipe}"])
     check_config(cfg)
     net = model()
     groups = Method(cfg).param_groups(net)
@@ -236,7 +236,7 @@ def test_recipes_build_their_groups_and_weight_decays(hydra_ctx, recipe, model, 
 ])
 def test_bad_paramwise_values_name_the_key(hydra_ctx, override, key):
     recipe = ["recipe=cityscapes_convnext_40k"] if "replaces" in key else []
-    cfg = compose("config", overrides=recipe + [override])
+    cfg = compose(recipe + [override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         check_config(cfg)
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
+from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from hlbench.compose import compose
 from hlbench.engine.distributed import all_reduce_mean
 from hlbench.losses import ohem_keep_mask
 from hlbench.methods.labelled_loss import LabelledLoss, reference_group
@@ -39,7 +40,7 @@ def _compose(overrides):
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="hlbench.conf", version_base="1.3"):
-            return compose("config", overrides=list(overrides))
+            return compose(list(overrides))
     finally:
         GlobalHydra.instance().clear()
 

@@ -1,9 +1,9 @@
 """The README's SLURM command composes: Hydra's submitit launcher with hlbench's config and an experiment."""
 import shlex
 
-from hydra import compose
 from hydra.utils import get_class
 
+from hlbench.compose import compose
 from tests.conftest import REPO
 
 
@@ -19,7 +19,7 @@ def _readme_slurm_overrides() -> list[str]:
 def test_readme_submitit_slurm_command_composes(hydra_ctx):
     overrides = _readme_slurm_overrides()
     assert "hydra/launcher=submitit_slurm" in overrides and "resume=true" in overrides
-    cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    cfg = compose(overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"
     assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1 and launcher.max_num_timeout == 3

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from hydra import compose
 from omegaconf import OmegaConf
 
+from hlbench.compose import compose
 from hlbench.data import build_datasets, split_record
 from hlbench.data.semisup import (SPLITS_DIR, derived_label, load_split, read_split_list, resolve_split,
                                   seeded_split, shipped_splits, unlabeled_sample)
@@ -142,7 +142,7 @@ def test_split_config_errors_name_the_key(cfg, match):
 
 
 def _cityscapes_cfg(root, *overrides):
-    return compose("config", overrides=["data=cityscapes_semisup_769", f"data.root={root}",
+    return compose(["data=cityscapes_semisup_769", f"data.root={root}",
                                         "data.train_pipeline.crop=[24,24]", *overrides]).data
 
 
@@ -188,11 +188,11 @@ def test_split_record_of_a_shipped_list_needs_no_data_on_disk(hydra_ctx, tmp_pat
     assert split_record(cfg) == {"source": "u2pl/1_8", "labeled_sha256": sums["u2pl/1_8/labeled.txt"],
                                  "unlabeled_sha256": sums["u2pl/1_8/unlabeled.txt"], "num_labeled": 372,
                                  "num_unlabeled": 2603}
-    assert split_record(compose("config", overrides=["data=cityscapes_769"]).data) is None
+    assert split_record(compose(["data=cityscapes_769"]).data) is None
 
 
 def test_synthetic_semisup_returns_labeled_unlabeled_and_val(hydra_ctx):
-    cfg = compose("config", overrides=["data=synthetic_semisup", "data.train.num_images=16", "data.val.num_images=2",
+    cfg = compose(["data=synthetic_semisup", "data.train.num_images=16", "data.val.num_images=2",
                                        "data.split_fraction=0.25"]).data
     sets = build_datasets(cfg, seed=0)
     assert {k: len(v) for k, v in sets.items()} == {"train": 4, "unlabeled": 12, "val": 2}
@@ -212,7 +212,7 @@ def test_synthetic_semisup_returns_labeled_unlabeled_and_val(hydra_ctx):
 def test_a_smoke_dry_run_of_a_semisup_experiment_keeps_its_labelled_fraction(hydra_ctx):
     """profile=smoke swaps the data for the synthetic scenes; the experiment's split still decides what is labeled."""
     for experiment, fraction in (("semisup/u2pl_1_8", 1 / 8), ("semisup/unimatch_1_4+hl", 1 / 4)):
-        cfg = compose("config", overrides=[*run_overrides(experiment), "profile=smoke", "data.train.num_images=16",
+        cfg = compose([*run_overrides(experiment), "profile=smoke", "data.train.num_images=16",
                                            "data.val.num_images=2"]).data
         sets = build_datasets(cfg, seed=0)
         labeled = math.ceil(fraction * 16)
@@ -221,7 +221,7 @@ def test_a_smoke_dry_run_of_a_semisup_experiment_keeps_its_labelled_fraction(hyd
         assert record["source"] == f"seeded({fraction}, 0) for {cfg.split}"
         assert (record["num_labeled"], record["num_unlabeled"]) == (labeled, 16 - labeled)
         assert set(sets["unlabeled"][0]) == {"img", "pad", "img_hw", "index"}  # no label reaches the method
-    plain = compose("config", overrides=["profile=smoke", "data.train.num_images=16"]).data
+    plain = compose(["profile=smoke", "data.train.num_images=16"]).data
     assert split_record(plain) is None and len(build_datasets(plain, seed=0)["train"]) == 16
     plain.split = "/my/own/lists"
     with pytest.raises(ConfigError, match="stand in only for a shipped split"):

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose
 from omegaconf import OmegaConf
 
+from hlbench.compose import compose
 from hlbench.errors import BadFileError, ConfigError
 from hlbench.models import build_model, load_pretrained
 from hlbench.models.build import BACKBONES, HEADS
@@ -241,7 +241,7 @@ def test_full_configs_build_with_the_authors_widths_and_name_their_smoke_model(n
 
 @pytest.mark.parametrize("name, head_channels", [*((n, None) for n in TINY), ("tiny/segformer", 8)])
 def test_tiny_configs_train_with_hl_at_odd_sizes(hydra_ctx, name, head_channels):
-    cfg = compose("config", overrides=[f"model={name}", "data=synthetic", "hl.enabled=true",
+    cfg = compose([f"model={name}", "data=synthetic", "hl.enabled=true",
                                        f"hl.head_channels={head_channels or 'null'}"])
     model = build_model(cfg.model, num_classes=3, hl=cfg.hl).train()
     torch.manual_seed(0)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose
 from omegaconf import OmegaConf
 
+from hlbench.compose import compose
 from hlbench.errors import ConfigError
 from hlbench.methods.labelled_loss import LabelledLoss, LabelledTerms
 from hlbench.methods.strong_aug import half_area_box
@@ -322,7 +322,7 @@ class _PixelsHL(torch.nn.Module):
 
 
 def _u2pl_step(apply_to):
-    cfg = compose("config", overrides=[
+    cfg = compose([
         "method=u2pl", "loss.name=ce", "hl.enabled=true", f"hl.semisup.apply_to={apply_to}", "train.batch_size=2",
         "train.iters=10", "method.epochs=1", "train.reference.gpus=1", "train.reference.per_gpu=2",
         "method.cutmix_p=0", "method.flags.contra_weight=0"])
@@ -354,6 +354,6 @@ def test_hl_enters_u2pls_losses_where_apply_to_says(hydra_ctx, apply_to):
 def test_apply_to_is_checked_against_the_running_method(hydra_ctx):
     from hlbench.config_checks import check_config
 
-    check_config(compose("config", overrides=["method=u2pl", "hl.semisup.apply_to=[sup,u2pl.unsup]"]))
+    check_config(compose(["method=u2pl", "hl.semisup.apply_to=[sup,u2pl.unsup]"]))
     with pytest.raises(ConfigError, match=r"hl.semisup.apply_to has \['unimatch.fp'\], which method=u2pl"):
-        check_config(compose("config", overrides=["method=u2pl", "hl.semisup.apply_to=[unimatch.fp]"]))
+        check_config(compose(["method=u2pl", "hl.semisup.apply_to=[unimatch.fp]"]))

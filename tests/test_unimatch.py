@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose
 from omegaconf import OmegaConf
 
 import hlbench.methods.unimatch as um
+from hlbench.compose import compose
 from hlbench.errors import ConfigError, RunStopped
 from hlbench.methods import METHODS, LabelledLoss
 from hlbench.methods.strong_aug import strong_view, unimatch_box
@@ -150,7 +150,7 @@ class _Pixels(torch.nn.Module):
 
 
 def _cfg(*overrides):
-    return compose("config", overrides=["method=unimatch", "loss.name=ce", "hl.enabled=false", "train.batch_size=2",
+    return compose(["method=unimatch", "loss.name=ce", "hl.enabled=false", "train.batch_size=2",
                                         "method.unlabeled_batch=2", "train.reference.gpus=2",
                                         "train.reference.per_gpu=1", "method.conf_thresh=0.6", *overrides])
 

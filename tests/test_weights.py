@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose
 from omegaconf import OmegaConf
 
 from hlbench import weights
-from hlbench.compose import compose as compose_run_config
+from hlbench.compose import compose
 from hlbench.config_checks import ConfigError
 from hlbench.models import build_model
 from hlbench.models.resnet import ResNetV1c
@@ -78,18 +77,18 @@ def test_an_unset_value_is_an_error_not_random_init(value):
 def test_run_config_resolution_and_name(hydra_ctx, tmp_path, monkeypatch):
     (tmp_path / R101).write_bytes(b"x")
     monkeypatch.setenv("HLBENCH_WEIGHTS", str(tmp_path))
-    cfg = compose("config", overrides=["experiment=fullsup/pspnet_r101", "hl.enabled=true"])
+    cfg = compose(["experiment=fullsup/pspnet_r101", "hl.enabled=true"])
     assert require_pretrained(cfg) == tmp_path / R101 and pretrained_name(cfg) == R101
-    cfg = compose("config", overrides=["experiment=fullsup/pspnet_r101", "hl.enabled=true",
+    cfg = compose(["experiment=fullsup/pspnet_r101", "hl.enabled=true",
                                        f"weights_dir={tmp_path / 'other'}"])
     with pytest.raises(ConfigError, match="other"):
         require_pretrained(cfg)
-    cfg = compose("config", overrides=["experiment=fullsup/pspnet_r101", "hl.enabled=true",
+    cfg = compose(["experiment=fullsup/pspnet_r101", "hl.enabled=true",
                                        f"model.backbone.pretrained={tmp_path / R101}"])
     assert require_pretrained(cfg) == tmp_path / R101 and pretrained_name(cfg) == R101
     for overrides in (["experiment=smoke/pspnet_r18_tiny"], ["experiment=fullsup/pspnet_r101", "profile=smoke"],
                       ["model=pspnet_r101", "model.backbone.pretrained=none"]):
-        cfg = compose_run_config(overrides)  # profile=smoke: the family's tiny model, trained from scratch
+        cfg = compose(overrides)  # profile=smoke: the family's tiny model, trained from scratch
         assert require_pretrained(cfg) is None and pretrained_name(cfg) == "none"
 
 
@@ -121,7 +120,7 @@ def test_a_file_without_a_direct_link_points_to_its_page(tmp_path, capsys):
 # --- build_model ------------------------------------------------------------------------------------------------
 
 def test_build_model_loads_the_named_file_from_the_weights_dir(hydra_ctx, tmp_path, caplog):
-    cfg = compose("config", overrides=["model=pspnet_r18", "model.backbone.width_mult=0.25"])
+    cfg = compose(["model=pspnet_r18", "model.backbone.width_mult=0.25"])
     torch.manual_seed(1)
     source = ResNetV1c(18, width_mult=0.25)
     # Test-made bytes under the real name: its sha256 prefix is wrong, which the loader does not check.
