@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from tqdm import tqdm
 
-from .errors import ConfigError, MissingInputError
+from .errors import ConfigError, MissingInputError, exit_status
 
 log = logging.getLogger("hlbench")
 
@@ -249,20 +249,14 @@ def main(argv=None) -> int:
     from .engine.cores import set_intra_op_threads
 
     set_intra_op_threads()
-    try:
-        if args[0] == "export":
-            export_command(args[1:])
-        else:
-            parser = argparse.ArgumentParser(prog="python -m hlbench.hlmap show")
-            parser.add_argument("folder")
-            parser.add_argument("--n", type=int, default=4, help="maps to draw")
-            parser.add_argument("--out", default=None, help="the PNG (default <folder>/show.png)")
-            opts = parser.parse_args(args[1:])
-            print("wrote", show(opts.folder, opts.n, opts.out))
-    except ConfigError as err:  # bad input: one line naming it
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    if args[0] == "export":
+        return exit_status(lambda: export_command(args[1:]))
+    parser = argparse.ArgumentParser(prog="python -m hlbench.hlmap show")
+    parser.add_argument("folder")
+    parser.add_argument("--n", type=int, default=4, help="maps to draw")
+    parser.add_argument("--out", default=None, help="the PNG (default <folder>/show.png)")
+    opts = parser.parse_args(args[1:])
+    return exit_status(lambda: print("wrote", show(opts.folder, opts.n, opts.out)))
 
 
 if __name__ == "__main__":

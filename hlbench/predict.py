@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import ConfigError, MissingInputError
+from .errors import ConfigError, MissingInputError, exit_status
 
 log = logging.getLogger("hlbench")
 
@@ -115,12 +115,7 @@ def main(argv=None) -> int:
     from .engine.cores import set_intra_op_threads
 
     set_intra_op_threads()
-    try:
-        predict(**parse_arguments(args))
-    except ConfigError as err:  # bad input: one line naming it
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: predict(**parse_arguments(args)))
 
 
 if __name__ == "__main__":
