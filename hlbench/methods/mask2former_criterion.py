@@ -233,7 +233,7 @@ class Mask2FormerCriterion:
         b, q = cls.shape[:2]
         device = cls.device
         labels = torch.full((b, q), self.num_classes, dtype=torch.long, device=device)
-        pred_masks, gt_masks, gt_hard, image_of = [], [], [], []
+        pred_masks, gt_masks, image_of = [], [], []
         for i, (classes, gt) in enumerate(targets):
             rows, cols = self.match(cls[i].detach(), masks[i].detach(), classes, gt.to(masks.dtype))
             rows, cols = rows.to(device), cols.to(device)
