@@ -4,6 +4,7 @@ its FLOPs and the device's compute floor; a torchvision peer, evaluation and dat
     python -m hlbench.bench --models pspnet_r18 deeplabv3plus_r50 --size 256 --batch 2   # CPU: s/step, HL/base
     python -m hlbench.bench --quick                      # the prepared GPU run (< 8 min on one H100/H200)
     python -m hlbench.bench --quick --tiny --device cpu  # the same plan at toy sizes (what CI runs)
+    python -m hlbench.bench --flops                      # FLOPs only: the HL share of the breadth rows' models
 
 Every measurement runs on fixed random non-zero data (GEMMs on zeros run faster): a few warm-up steps (the first
 one, reported apart, holds torch.compile's compile time and cudnn.benchmark's autotuning), then timed steps; the
@@ -46,6 +47,17 @@ from .models import build_model
 # The data config every model is timed with: its classes and normalisation (a --overrides data=... replaces it).
 BENCH_DATA = "cityscapes_769"
 # --tiny: the smoke profile's tiny model of each model's family in its place (hlbench/conf/model/tiny/), at toy sizes.
+# --flops with no --models: the models of the authors' breadth rows (Cityscapes backbones, ADE20K transformers,
+# SegFormer), each with the data config of its experiment, whose train crop and classes it is counted at.
+FLOP_TABLE = [("ocrnet_hr18s", "cityscapes_512x1024"), ("ocrnet_hr18", "cityscapes_512x1024"),
+              ("ocrnet_hr48", "cityscapes_512x1024"), ("fcn_hr18s", "cityscapes_512x1024"),
+              ("fcn_hr18", "cityscapes_512x1024"), ("bisenetv2", "cityscapes_1024x1024"),
+              ("pspnet_mobilenetv2", "cityscapes_512x1024"), ("lraspp_mobilenetv3", "cityscapes_512x1024"),
+              ("upernet_resnest101", "cityscapes_769"), ("upernet_resnext101", "cityscapes_769"),
+              ("upernet_convnext_b", "cityscapes_769"), ("upernet_convnext_b", "ade20k_640"),
+              ("upernet_swin_b", "ade20k_512"), ("upernet_swin_b", "ade20k_640"),
+              ("segformer_mit_b0", "ade20k_512_multiple32"), ("segformer_mit_b3", "ade20k_512_multiple32"),
+              ("segformer_mit_b5", "ade20k_640_multiple32")]
 TINY = {"size": 64, "batch": 2, "warmup": 1, "steps": 1, "eval_hw": (96, 160), "eval_crop": 64, "eval_stride": 48,
         "loader_hw": (128, 256)}
 
@@ -107,6 +119,25 @@ def bench_data(overrides=()):
     return compose([*_data_choice(overrides), *overrides]).data
 
 
+def parse_size(text: str):
+    """--size: "769" (a square crop, an int) or "512x1024" (H x W, a pair)."""
+    h, _, w = str(text).partition("x")
+    if not h.isdigit() or (w and not w.isdigit()):
+        raise argparse.ArgumentTypeError(f"--size {text!r}: expected a crop like 769 or 512x1024 (H x W)")
+    return (int(h), int(w)) if w else int(h)
+
+
+def _hw(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _size_label(size) -> str:
+    if size is None:
+        return "each model's data crop"
+    h, w = _hw(size)
+    return f"{h}²" if h == w else f"{h}×{w}"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,11 +157,23 @@ def _counting_device(device: torch.device) -> torch.device:
     return torch.device("meta") if device.type == "cuda" else torch.device("cpu")
 
 
-def _random_batch(batch: int, size: int, device: torch.device, channels_last: bool, num_classes: int) -> dict:
+def _random_batch(batch: int, size, device: torch.device, channels_last: bool, num_classes: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    img = torch.randn(batch, 3, size, size, generator=g).to(device)
-    label = torch.randint(0, num_classes, (batch, size, size), generator=g).to(device)
+    h, w = _hw(size)
+    img = torch.randn(batch, 3, h, w, generator=g).to(device)
+    label = torch.randint(0, num_classes, (batch, h, w), generator=g).to(device)
     return {"img": img.contiguous(memory_format=torch.channels_last) if channels_last else img, "label": label}
+
+
+def train_step_flops(cfg, data: dict, batch: int) -> int:
+    """FLOPs of one training step (the method's step and backward) of a bench config on `data`, counted on the
+    device the data lie on (meta: shapes only)."""
+    model, method = build_bench_model(cfg, batch, data["img"].device)
+
+    def step():
+        loss, _ = method.step(model, {"labeled": data}, 0)
+        loss.backward()
+    return count_flops(step)
 
 
 def _timed_step(step, loss_fn) -> float:
@@ -174,19 +217,13 @@ class TrainStep:
 
     def _count_flops(self) -> int:
         device = _counting_device(self.device)
-        model, method = build_bench_model(self.cfg, self.batch, device)
-        data = {k: v.to(device) for k, v in self.data.items()}
-
-        def step():
-            loss, _ = method.step(model, {"labeled": data}, 0)
-            loss.backward()
-        return count_flops(step)
+        return train_step_flops(self.cfg, {k: v.to(device) for k, v in self.data.items()}, self.batch)
 
     def memory_estimate_gib(self) -> float:
         key = ("memory", *self.key, self.setup.autocast_precision)
         if key not in self.counts:
             self.counts[key] = estimate_train_memory(self.cfg, int(self.cfg.data.num_classes), self.batch,
-                                                     (self.size, self.size)).total / GiB
+                                                     _hw(self.size)).total / GiB
         return self.counts[key]
 
     def __call__(self) -> float:
@@ -272,10 +309,12 @@ class Member:
 
 @dataclass
 class Group:
-    """Models timed together (alternating) under one setup; kind: train | components | eval | loader."""
+    """Models timed together (alternating) under one setup; kind: train | components | eval | loader | flops (counted
+    only, with the data config `data` where given)."""
     kind: str
     setup: Setup = Setup()
     members: list[Member] = field(default_factory=list)
+    data: str | None = None
     steps: int | None = None     # timed steps, at most the run's --steps (None: --steps)
     reserve_s: float = 15.0      # run only while at least this much of the time budget is left
 
@@ -468,6 +507,23 @@ def measure_eval(group: Group, ctx) -> list[dict]:
     return [_derived(row, flops, seconds, 1, ctx.device_name, group.setup.precision)]
 
 
+def measure_flops(group: Group, ctx) -> list[dict]:
+    """Each member's train-step FLOPs per image, counted on `meta` (nothing built on the device, nothing timed), at
+    --size or else the data config's train crop."""
+    rows = []
+    for m in group.members:
+        channels = "null" if m.hl_head_channels is None else m.hl_head_channels
+        data = [f"data={group.data}"] if group.data else []
+        cfg = bench_config(m.model, m.hl, (*ctx.overrides, *data, f"hl.head_channels={channels}"))
+        hw = _hw(ctx.size if ctx.size is not None else cfg.data.train_pipeline.crop)
+        flops = train_step_flops(cfg, _random_batch(ctx.batch, hw, torch.device("meta"), False,
+                                                    int(cfg.data.num_classes)), ctx.batch)
+        rows.append({"kind": "flops", "name": m.name, "model": m.model, "hl": m.hl,
+                     "hl_head_channels": m.hl_head_channels, "data": group.data or BENCH_DATA,
+                     "size": _size_label(hw), "batch": ctx.batch, "tflop_per_image": flops / ctx.batch / 1e12})
+    return rows
+
+
 def measure_loader(group: Group, ctx) -> list[dict]:
     """The loader benchmark (decode + the Cityscapes 769 train pipeline, one core) on mock scenes, decoding every time
     and through data.decoded_cache."""
@@ -487,7 +543,8 @@ def measure_loader(group: Group, ctx) -> list[dict]:
              "ms_per_item": 1000 / rate, "items": ctx.loader_items} for via, rate in rates.items()]
 
 
-MEASURE = {"train": measure_train, "components": measure_components, "eval": measure_eval, "loader": measure_loader}
+MEASURE = {"train": measure_train, "components": measure_components, "eval": measure_eval, "loader": measure_loader,
+           "flops": measure_flops}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -507,7 +564,7 @@ def markdown(result: dict) -> str:
     mem = "peak GiB (CUDA max allocated)" if env["device"].startswith("cuda") else "peak GiB (process RSS)"
     lines = [f"# hlbench.bench — {env['device_name']}", "",
              f"- command: `{env['command']}`", f"- date: {env['date']}", f"- torch {env['torch']}, batch "
-             f"{env['batch']}, crop {env['size']}², {env['warmup']} warm-up + {env['steps']} timed steps (median)"
+             f"{env['batch']}, crop {_size_label(env['size'])}, {env['warmup']} warm-up + {env['steps']} timed steps (median)"
              + (f", overrides {' '.join(env['overrides'])}" if env["overrides"] else ""),
              "- floor = counted train-step FLOPs / datasheet peak of the setup's precision", ""]
     train = [r for r in rows if r["kind"] == "train"]
@@ -578,6 +635,20 @@ def markdown(result: dict) -> str:
             workers = fastest / r["items_per_s_per_core"] if fastest else None
             lines.append(f"| {r['name']} | {r['items_per_s_per_core']:.1f} | {r['ms_per_item']:.1f} | "
                          f"{_f(workers)} |")
+    flop_rows = [r for r in rows if r["kind"] == "flops"]
+    if flop_rows:
+        lines += ["", "## HL FLOP share (train step per image, counted on meta; HL share = the HL branch's part of "
+                  "the HL step)", "", "| model | data | crop | baseline TFLOP | + HL (ratio) | HL share | + light HL |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for model, data in dict.fromkeys((r["model"], r["data"]) for r in flop_rows):
+            part = [r for r in flop_rows if (r["model"], r["data"]) == (model, data)]
+            base = next(r["tflop_per_image"] for r in part if not r["hl"])
+            hl = next((r["tflop_per_image"] for r in part if r["hl"] and not r["hl_head_channels"]), None)
+            light = next((r for r in part if r["hl_head_channels"]), None)
+            lines.append(f"| {model} | {data} | {part[0]['size']} | {base:.3f} | "
+                         + (f"{hl:.3f} ({hl / base:.3f}×) | {100 * (hl - base) / hl:.1f} % | " if hl else "n/a | n/a | ")
+                         + (f"{light['tflop_per_image'] / base:.3f}× ({light['hl_head_channels']} ch) |" if light
+                            else "n/a |"))
     if result["skipped"] or result["failed"]:
         lines += ["", "## Not measured", ""] + [f"- {s['group']}: {s['reason']}" for s in result["skipped"]]
         lines += [f"- {f['group']}: FAILED, {f['error']}" for f in result["failed"]]
@@ -588,7 +659,7 @@ def markdown(result: dict) -> str:
 class Context:
     device: torch.device
     device_name: str
-    size: int
+    size: int | tuple | None   # a square crop, (H, W), or None (--flops: each model's data crop)
     batch: int
     warmup: int
     steps: int
@@ -664,7 +735,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m hlbench.bench", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=None, help="model configs (default: pspnet_r18 deeplabv3plus_r50; "
                    "--quick: pspnet_r101 deeplabv3plus_r101); none: only --peer, --loader")
-    p.add_argument("--size", type=int, default=None, help="square crop (default 256; --quick 769)")
+    p.add_argument("--size", type=parse_size, default=None, help="crop, 769 or 512x1024 (H x W) (default 256; "
+                   "--quick 769; --flops each model's data crop)")
     p.add_argument("--batch", type=int, default=None, help="images per step, >= 2 (default 2; --quick 8)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; --quick 10)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 1 (default 2; --quick 3)")
@@ -680,6 +752,9 @@ def main(argv=None) -> dict:
     p.add_argument("--overrides", nargs="+", default=[], help="Hydra overrides for every model, e.g. "
                    "model.backbone.depth=18")
     p.add_argument("--quick", action="store_true", help="the prepared GPU run (see quick_plan)")
+    p.add_argument("--flops", action="store_true", help="only count train-step FLOPs on meta: baseline, HL and the "
+                   "light HL head (--light-channels, default 64) of --models, default the breadth rows' models "
+                   "(FLOP_TABLE) at their data configs' crops")
     p.add_argument("--tiny", action="store_true", help="toy sizes and each model's tiny family model (CPU tests)")
     p.add_argument("--budget-s", type=float, default=None, help="skip groups once this many seconds have passed "
                    "(default: 450 with --quick, none otherwise)")
@@ -693,7 +768,7 @@ def main(argv=None) -> dict:
     plain = {"models": ["pspnet_r18", "deeplabv3plus_r50"], "size": 256, "batch": 2, "steps": 5, "warmup": 2}
     defaults = {**(quick if args.quick else plain), **(TINY if args.tiny else {})}
     for key in ("models", "size", "batch", "steps", "warmup"):
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (args.flops and key in ("models", "size")):
             setattr(args, key, defaults[key])
     if args.warmup < 1 or args.steps < 1 or args.batch < 2:
         p.error("--steps and --warmup must be at least 1, --batch at least 2 (pooled BN branches need it)")
@@ -705,7 +780,13 @@ def main(argv=None) -> dict:
         p.error(str(err))
     if args.quick and not args.models:
         p.error("--quick needs at least one model")
-    groups = quick_plan(args.models) if args.quick else cli_plan(args)
+    if args.flops:
+        light = args.light_channels or 64
+        entries = [(m, None) for m in args.models] if args.models else FLOP_TABLE
+        groups = [Group("flops", members=[Member(m), Member(m, True), Member(m, True, light)], data=data)
+                  for m, data in entries]
+    else:
+        groups = quick_plan(args.models) if args.quick else cli_plan(args)
     ctx = Context(device, device_name(device), args.size, args.batch, args.warmup, args.steps, tuple(args.overrides))
     if args.tiny:
         # The peer keeps its full ResNet-101, so it runs at a smaller toy crop.
@@ -715,7 +796,7 @@ def main(argv=None) -> dict:
     budget = args.budget_s if args.budget_s is not None else (450.0 if args.quick else None)
     out = args.out or Path("outputs") / "bench" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     command = "python -m hlbench.bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"device {ctx.device_name}, torch {torch.__version__}, {args.batch}x3x{args.size}x{args.size}, "
+    print(f"device {ctx.device_name}, torch {torch.__version__}, batch {args.batch}, crop {_size_label(args.size)}, "
           f"{args.warmup} warm-up + median of {args.steps} steps; {len(groups)} groups; results in {out}", flush=True)
     result = run_plan(groups, ctx, out, budget, command)
     print(markdown(result))

@@ -41,6 +41,16 @@ def test_bench_writes_baseline_hl_and_light_hl_rows(tmp_path, capsys):
     assert result["rows"] == list(rows.values()) and "## Training step" in capsys.readouterr().out
 
 
+def test_flops_mode_counts_baseline_hl_and_light_hl_at_a_non_square_crop(tmp_path):
+    main(["--flops", "--models", "tiny/pspnet_r18", "--size", "32x64", "--light-channels", "4", "--out", str(tmp_path)])
+    rows = {r["name"]: r for r in json.loads((tmp_path / "bench.json").read_text())["rows"]}
+    assert rows.keys() == {"tiny/pspnet_r18", "tiny/pspnet_r18+HL", "tiny/pspnet_r18+HL(HL 4 ch)"}
+    base, hl, light = (r["tflop_per_image"] for r in rows.values())
+    assert all(r["kind"] == "flops" and r["size"] == "32×64" for r in rows.values()) and base < light < hl
+    md = (tmp_path / "bench.md").read_text()
+    assert f"| {hl:.3f} ({hl / base:.3f}×) | {100 * (hl - base) / hl:.1f} % | {light / base:.3f}× (4 ch) |" in md
+
+
 @pytest.mark.slow
 def test_quick_plan_runs_end_to_end_at_tiny_sizes(tmp_path):
     main(["--quick", "--tiny", "--device", "cpu", "--models", "pspnet_r101", "--out", str(tmp_path)])
