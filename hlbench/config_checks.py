@@ -15,6 +15,7 @@ from .engine.precision import PRECISIONS
 from .hardness import IMAGE_REDUCTIONS
 from .losses import DENOMINATORS, LOSS_NAMES
 from .methods import METHODS
+from .methods.mask2former import fixed_map_options
 from .methods.labelled_loss import AUX_LOSSES, HL_IGNORE_MODES, HL_OHEM_MODES, HL_SCOPES, HL_SOURCES
 
 __all__ = ["CHOICES", "ConfigError", "check_config"]
@@ -104,6 +105,7 @@ def check_config(cfg) -> None:
     if cfg.hl.enabled and cfg.hl.source == "fixed" and not cfg.data.get("hl_map_dir"):
         raise ConfigError("hl.source=fixed needs data.hl_map_dir=<folder of stored HL maps>; python -m hlbench.hlmap "
                           "export experiment=<HL experiment> checkpoint=<file> out=<folder> writes one")
+    _check_mask2former(cfg)
     if cfg.hl.offset == 0:
         raise ConfigError("hl.offset=0 is not valid; expected > 0 (the offset bounds the weight ratio)")
     channels = cfg.hl.head_channels
@@ -111,6 +113,24 @@ def check_config(cfg) -> None:
         raise ConfigError(f"hl.head_channels={channels!r} is not valid; expected null (the decode head's) or an "
                           f"integer >= 1")
     _check_paramwise(cfg.optim.paramwise)
+
+
+def _check_mask2former(cfg) -> None:
+    """method=mask2former and the mask2former head go together (the other methods read per-pixel logits); its HL is
+    a stored map (hl.source=fixed) entering the loss as hl.fixed_map says, whose values FixedMapOptions checks."""
+    mask_head = cfg.model.head.get("type") == "mask2former"
+    if (cfg.method.name == "mask2former") != mask_head:
+        raise ConfigError(f"method={cfg.method.name} with model.head.type={cfg.model.head.get('type')}: the "
+                          f"mask2former head trains only with method=mask2former, and that method only with it")
+    options = fixed_map_options(cfg)  # a ConfigError naming the hl.fixed_map key for a bad value
+    if not mask_head or not cfg.hl.enabled:
+        return
+    if cfg.hl.source != "fixed":
+        raise ConfigError("hl.source=online with Mask2Former: its HL map comes from another model's export "
+                          "(hl.source=fixed, data.hl_map_dir); it has no HL branch of its own")
+    if options.mode == "off":
+        raise ConfigError("hl.fixed_map.mode=off on an HL run would train plain Mask2Former under the HL row's name; "
+                          "set a mode, or hl.enabled=false for the baseline")
 
 
 def _multiplier(key, value, nullable=False) -> None:

@@ -72,6 +72,7 @@ def _seeds(cfg) -> list[int]:
 def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = False) -> list[dict]:
     """Run what the composed config asks for: one experiment, or every experiment of cfg.suite; all seeds."""
     from .data import require_data_root
+    from .data.hl_maps import require_hl_maps
 
     profile = choices.get("profile")
     experiment = choices.get("experiment")
@@ -95,6 +96,7 @@ def run(cfg: DictConfig, choices: dict, overrides: list[str], multirun: bool = F
         check_config(c)
         require_pretrained(c)
         require_data_root(c.data)
+        require_hl_maps(c, profile)  # a fixed-map HL run's export (profile=smoke: a uniform stand-in if none fits)
         if c.paper is None:  # the card lives in the suite's cell (paper=... on the command line replaces it)
             OmegaConf.update(c, "paper", paper_card(name, suite), force_add=True)
     jobs = [(name, c, s) for name, c in plan for s in _seeds(c)]

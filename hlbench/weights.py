@@ -73,10 +73,14 @@ KNOWN_WEIGHTS = {
         "2a0ee547", "mmcls convnext-base 3rdparty noema (ConvNeXt-B, ImageNet-1k)", MMCLS_CONVNEXT_URL),
     "convnext-base_3rdparty_in21k_20220301-262fd037.pth": KnownFile(
         "262fd037", "mmcls convnext-base 3rdparty in21k (ConvNeXt-B, ImageNet-21k)", MMCLS_CONVNEXT_URL),
-    # The official Swin-B 22k (window 12, 384) and NVlabs MiT files after mmseg's swin2mmseg / mit2mmseg key
-    # conversion: they load under mmseg's names as they are.
+    # The official Swin-T 1k, Swin-B and Swin-L 22k (window 12, 384) and NVlabs MiT files after mmseg's swin2mmseg /
+    # mit2mmseg key conversion: they load under mmseg's names as they are.
+    "swin_tiny_patch4_window7_224_20220317-1cdeb081.pth": KnownFile(
+        "1cdeb081", "mmseg pretrain/swin (Swin-T window 7, 224, ImageNet-1k)", MMSEG_PRETRAIN_URL + "swin/"),
     "swin_base_patch4_window12_384_22k_20220317-e5c09f74.pth": KnownFile(
         "e5c09f74", "mmseg pretrain/swin (Swin-B window 12, 384, ImageNet-22k)", MMSEG_PRETRAIN_URL + "swin/"),
+    "swin_large_patch4_window12_384_22k_20220412-6580f57d.pth": KnownFile(
+        "6580f57d", "mmseg pretrain/swin (Swin-L window 12, 384, ImageNet-22k)", MMSEG_PRETRAIN_URL + "swin/"),
     "mit_b0_20220624-7e0fe6dd.pth": KnownFile("7e0fe6dd", "mmseg pretrain/segformer (MiT-B0, ImageNet-1k)",
                                               MMSEG_PRETRAIN_URL + "segformer/"),
     "mit_b3_20220624-13b1141c.pth": KnownFile("13b1141c", "mmseg pretrain/segformer (MiT-B3, ImageNet-1k)",

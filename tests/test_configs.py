@@ -33,9 +33,18 @@ def test_experiment_composes(hydra_ctx, name, profile):
         assert cfg.data.name == "synthetic" and cfg.model.name.startswith("tiny/")
 
 
+def companions(group, option) -> list[str]:
+    """The overrides an option trains with: a Mask2Former model and the mask2former method only go together."""
+    if group == "method" and option == "mask2former":
+        return ["model=tiny/mask2former"]
+    if group == "model" and OmegaConf.load(CONF / "model" / f"{option}.yaml").head.get("type") == "mask2former":
+        return ["method=mask2former"]
+    return []
+
+
 @pytest.mark.parametrize("group,option", GROUP_OPTIONS)
 def test_group_option_composes(hydra_ctx, group, option):
-    cfg = compose([f"{group}={option}"])
+    cfg = compose([f"{group}={option}", *companions(group, option)])
     if cfg.train.epochs is not None:  # a schedule in epochs needs a data set with a labeled / unlabeled split
         with pytest.raises(ConfigError, match=r"^train.iters: data.name='synthetic' has no labeled / unlabeled"):
             check_config(cfg)
@@ -104,8 +113,8 @@ def test_paper_recipes_state_the_reference_layout_and_train_in_fp32(hydra_ctx, n
     ref = cfg.train.reference
     # The first matching prefix wins: the ADE20K ConvNeXt / Swin rows before the other ADE20K rows.
     layouts = {"ade20k/upernet_convnext_b": (8, 2), "ade20k/upernet_swin_b": (8, 2), "ade20k/": (4, 4),
-               "segformer/": (4, 4), "backbones/lraspp_mobilenetv3": (4, 4), "backbones/bisenetv2": (4, 4),
-               "isaid/": (4, 4), "totaltext/": (4, 4), "semisup/suponly": (4, 4), "semisup/u2pl": (8, 2),
+               "segformer/": (4, 4), "mask2former/": (4, 4), "backbones/lraspp_mobilenetv3": (4, 4),
+               "backbones/bisenetv2": (4, 4), "isaid/": (4, 4), "totaltext/": (4, 4), "semisup/suponly": (4, 4), "semisup/u2pl": (8, 2),
                "semisup/unimatch": (8, 1)}
     expected = next((v for prefix, v in layouts.items() if name.startswith(prefix)), (4, 2))
     assert (ref.gpus, ref.per_gpu) == expected and ref.gpus * ref.per_gpu == cfg.train.batch_size

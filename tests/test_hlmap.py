@@ -24,9 +24,12 @@ from tests.conftest import SMOKE_HL, SMOKE_HL_RUN, TINY, compose_run, free_port,
 
 SCENES = 6
 DATA = [*TINY, f"data.train.num_images={SCENES}"]
-# The runs that train with a fixed map in the end-to-end chain. The tiny Mask2Former of issue 25 (item 6) joins
-# here as its smoke experiment once it exists: the chain then trains it with and without the exported maps.
-FIXED_MAP_CONSUMERS = ["smoke/pspnet_r18_tiny"]
+# The runs that train with a fixed map in the end-to-end chain (profile=smoke trains the tiny model of each
+# experiment's family), the loss key the map changes, and the keys it must leave as the baseline's on the first
+# step: Mask2Former's default variant weights only the point BCE (hl.fixed_map: point_weights on mask).
+FIXED_MAP_CONSUMERS = [("smoke/pspnet_r18_tiny", "decode.loss_ce", ()),
+                       ("mask2former/swin_t_512", "decode.loss_mask", ("decode.loss_cls", "decode.loss_dice",
+                                                                       "decode.d0.loss_cls", "decode.d0.loss_dice"))]
 
 
 @pytest.fixture(scope="module")
@@ -221,20 +224,32 @@ def test_a_missing_or_mismatched_map_stops_in_one_line_naming_it_or_is_skipped(e
         _train_set((maps,), "data.train.domain=target")
 
 
-@pytest.mark.parametrize("experiment", FIXED_MAP_CONSUMERS)
-def test_chain_hl_model_then_export_then_training_with_its_fixed_map(hl_model, tmp_path, experiment):
-    """profile=smoke end to end: the HL model's run folder -> its maps -> a supervised run weighted by them."""
+def _train_records(summary) -> list[dict]:
+    records = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
+    return [r for r in records if r["mode"] == "train"]
+
+
+@pytest.mark.parametrize("experiment, changed, unchanged", FIXED_MAP_CONSUMERS)
+def test_chain_hl_model_then_export_then_training_with_its_fixed_map(hl_model, tmp_path, experiment, changed,
+                                                                      unchanged):
+    """profile=smoke end to end: the HL model's run folder -> its maps -> the experiment trained with them, and
+    without them (its baseline, same seed)."""
     maps = tmp_path / "maps"
     assert hlmap.main(["export", f"run={hl_model[0]}", f"out={maps}"]) == 0
-    over = [*DATA, f"experiment={experiment}", "hl.enabled=true", "hl.source=fixed", f"data.hl_map_dir={maps}",
-            "train.iters=2", "train.log_interval=1"]
-    summary = run_experiment(compose_run(over, tmp_path / "runs")[0], f"{experiment}+hl", None, "smoke")
-    assert summary["hl_variant"] == "fixed_map"
-    records = [json.loads(line) for line in open(os.path.join(summary["run_dir"], "metrics.jsonl"))]
-    train = [r for r in records if r["mode"] == "train"]
-    assert len(train) == 2 and all(np.isfinite(r["decode.loss_ce"]) and "weight_loss" not in r for r in train)
+    over = [*DATA, f"experiment={experiment}", "hl.source=fixed", f"data.hl_map_dir={maps}", "train.iters=2",
+            "train.log_interval=1"]
+    summary = run_experiment(compose_run([*over, "hl.enabled=true"], tmp_path / "runs")[0], f"{experiment}+hl",
+                             None, "smoke")
+    baseline = run_experiment(compose_run([*over, "hl.enabled=false"], tmp_path / "runs")[0], experiment, None,
+                              "smoke")
+    assert summary["hl_variant"] == "fixed_map" and baseline["hl_variant"] == "off"
+    train, plain = _train_records(summary), _train_records(baseline)
+    assert len(train) == 2 and all(np.isfinite(r[changed]) and "weight_loss" not in r for r in train)
+    assert train[0][changed] != plain[0][changed]
+    assert all(train[0][key] == plain[0][key] for key in unchanged)
     weights = torch.load(os.path.join(summary["run_dir"], "checkpoints", "best.pth"), map_location="cpu",
                          weights_only=False)
     state = weights.get("state_dict", weights.get("model", weights))
     assert not any(k.startswith("hl_head.") for k in state)  # no HL branch is trained
-    assert OmegaConf.load(os.path.join(summary["run_dir"], "config.yaml")).data.hl_map_dir == str(maps)
+    recorded = OmegaConf.load(os.path.join(summary["run_dir"], "config.yaml"))
+    assert recorded.data.hl_map_dir == str(maps) and recorded.hl.fixed_map.mode == "point_weights"

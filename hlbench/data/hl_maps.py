@@ -16,6 +16,7 @@ steps, before PhotoMetricDistortion: their logs/mask2former configs).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +24,24 @@ import torch
 from omegaconf import OmegaConf
 
 from hlbench.data.bad_samples import BadSampleError, BadSampleLog, bad_sample_log
+from hlbench.compose import SMOKE_PROFILE
 from hlbench.data.transforms import Compose
 from hlbench.errors import BadFileError, ConfigError, MissingInputError
 from hlbench.models.heads import resize
 
+log = logging.getLogger("hlbench")
+
 HL_MAP_KEY = "hl_map"
+# data.hl_map_dir=uniform: no folder, a constant map (D = 0, so h = 0.5 + offset everywhere) for every image. The
+# stand-in a profile=smoke dry run uses where the experiment's folder holds no maps of the synthetic scenes.
+UNIFORM = "uniform"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 MAP_SUFFIX = ".npy"
 # The keys of a manifest that decide what a stored map is: two exports that differ in one of them must not mix in
 # one folder, and a training run checks the data set's against its own.
 IDENTITY_KEYS = ("format", "model", "checkpoint_sha256", "data", "resolution", "align_corners")
+
 def uses_fixed_hl_map(hl_cfg) -> bool:
     """Whether the run's H comes from stored maps (hl.source=fixed on an HL run) rather than a learned HL branch."""
     return bool(hl_cfg.enabled) and hl_cfg.get("source", "online") == "fixed"
@@ -131,24 +139,64 @@ class AttachHLMap:
         return out
 
 
-def attach_hl_maps(dataset, data_cfg) -> dict:
-    """Give a training data set the stored maps of data.hl_map_dir (an AttachHLMap first in its pipeline) after
-    checking that the folder was exported for this data set; returns the folder's manifest.
+class AttachUniformMap:
+    """Train-pipeline step for data.hl_map_dir=uniform: sample["hl_map"] = zeros of the image's size."""
 
-    A missing or mismatched map is then a bad sample (data.on_bad_sample): one line naming the file, or left out
-    and counted. Generated scenes get a bad-sample log here, since their only file is the map.
-    """
-    folder = Path(data_cfg.hl_map_dir)
-    manifest = read_manifest(folder)
-    ours = data_identity(data_cfg)
-    theirs = manifest["data"]
+    def __call__(self, sample: dict, rng: np.random.Generator | None = None) -> dict:
+        return {**sample, HL_MAP_KEY: np.zeros(sample["img"].shape[:2], np.float32)}
+
+
+def check_exported_for(folder: Path, manifest: dict, data_cfg) -> None:
+    """A ConfigError naming the manifest when its maps were exported for other images than data_cfg's."""
+    ours, theirs = data_identity(data_cfg), manifest["data"]
     if theirs != ours:
         differ = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         raise ConfigError(f"{folder / MANIFEST}: its maps were exported for other images (data keys {differ} "
                           f"differ: {[theirs.get(k) for k in differ]} there, {[ours.get(k) for k in differ]} here)")
+
+
+def require_hl_maps(cfg, profile: str | None = None) -> None:
+    """Before the first run of a suite: the map folder a fixed-map HL run needs exists and fits its data set.
+
+    A missing folder is a MissingInputError with the command that writes it (hl.fixed_map.from_experiment names
+    the HL experiment). Under profile=smoke, whose synthetic scenes no real export fits, a missing or unfitting
+    folder is replaced by the uniform stand-in (data.hl_map_dir=uniform), said in a log line.
+    """
+    if not uses_fixed_hl_map(cfg.hl) or str(cfg.data.hl_map_dir) == UNIFORM:
+        return
+    folder = Path(cfg.data.hl_map_dir)
+    exported = (folder / MANIFEST).is_file()
+    if profile == SMOKE_PROFILE and not (exported and read_manifest(folder)["data"] == data_identity(cfg.data)):
+        log.warning("profile=smoke: %s holds no maps of the synthetic scenes, so this dry run uses a uniform HL map "
+                    "(data.hl_map_dir=uniform); data.hl_map_dir=<a smoke export> uses real ones", folder)
+        OmegaConf.update(cfg, "data.hl_map_dir", UNIFORM)
+        return
+    if not exported:
+        source = cfg.hl.fixed_map.get("from_experiment") or "<HL experiment>"
+        raise MissingInputError(f"data.hl_map_dir={folder}: no exported HL maps there (no {MANIFEST}); write them "
+                                f"with python -m hlbench.hlmap export experiment={source} hl.enabled=true "
+                                f"checkpoint=<its best.pth> out={folder}")
+    check_exported_for(folder, read_manifest(folder), cfg.data)
+
+
+def attach_hl_maps(dataset, data_cfg) -> dict:
+    """Give a training data set the stored maps of data.hl_map_dir (an AttachHLMap first in its pipeline) after
+    checking that the folder was exported for this data set; returns the folder's manifest (data.hl_map_dir=uniform:
+    a constant map for every image, no folder).
+
+    A missing or mismatched map is then a bad sample (data.on_bad_sample): one line naming the file, or left out
+    and counted. Generated scenes get a bad-sample log here, since their only file is the map.
+    """
     base = dataset
     while hasattr(base, "dataset"):
         base = base.dataset
+    if str(data_cfg.hl_map_dir) == UNIFORM:
+        log.warning("data.hl_map_dir=uniform: every training image gets a constant HL map (D = 0), not a model's")
+        base.transform = Compose([AttachUniformMap(), *base.transform.steps])
+        return {"uniform": True}
+    folder = Path(data_cfg.hl_map_dir)
+    manifest = read_manifest(folder)
+    check_exported_for(folder, manifest, data_cfg)
     base.transform = Compose([AttachHLMap(folder, map_keys(base, data_cfg), manifest["align_corners"]),
                               *base.transform.steps])
     if bad_sample_log(base) is None:
