@@ -129,9 +129,12 @@ def test_every_model_config_builds():
     for path in MODEL_CONFIGS:
         cfg = OmegaConf.load(path)
         cfg.backbone.pretrained = "none"  # the architecture, not the ImageNet file
+        mask_classification = cfg.head.type == "mask2former"  # no per-pixel HL head: its map is fixed (test_mask2former)
         with torch.device("meta"):
-            model = build_model(cfg, num_classes=19, hl={"enabled": True})
+            model = build_model(cfg, num_classes=19, hl={"enabled": not mask_classification})
         assert cfg.name == path.stem
+        if mask_classification:
+            continue
         stages = list(model.decode_head) if isinstance(model.decode_head, CascadeHead) else [model.decode_head]
         hl_last = model.hl_head[-1] if isinstance(model.hl_head, CascadeHead) else model.hl_head
         in_channels = model.backbone.out_channels
