@@ -199,3 +199,16 @@ def test_image_without_labels_has_class_loss_only():
     label = torch.full((2, 80, 72), 255)
     out = Mask2FormerCriterion(NUM_CLASSES, num_points=50)(cls, masks, label)
     assert out["loss_mask"].item() == 0 and out["loss_dice"].item() == 0 and out["loss_cls"].item() > 0
+
+
+def test_the_mask_count_is_averaged_over_processes(monkeypatch):
+    # mmdet's reduce_mean of num_total_masks: where the processes' mean count is twice this one's, the mask and dice
+    # losses halve and the class loss stays.
+    import hlbench.methods.mask2former_criterion as criterion
+
+    alone = _losses({"mode": "off"})
+    monkeypatch.setattr(criterion, "all_reduce_mean", lambda values: {k: v * 2 for k, v in values.items()})
+    shared = _losses({"mode": "off"})
+    for key in alone:
+        expected = alone[key] / 2 if key.endswith(("loss_mask", "loss_dice")) else alone[key]
+        assert shared[key] == pytest.approx(expected, rel=1e-5), key

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hlbench.engine.distributed import all_reduce_mean
 from hlbench.errors import ConfigError
 from hlbench.hardness import hardness_map
 
@@ -242,7 +243,10 @@ class Mask2FormerCriterion:
             gt_masks.append(gt[cols])
             image_of.append(torch.full((len(rows),), i, dtype=torch.long, device=device))
         pred_masks, gt_masks, image_of = torch.cat(pred_masks), torch.cat(gt_masks), torch.cat(image_of)
-        num_masks = max(float(gt_masks.shape[0]), 1.0)
+        # mmdet averages the matched-mask count over the GPUs (reduce_mean) before it normalises the mask and dice
+        # losses, so a GPU with few masks does not weigh them more than the others do
+        count = all_reduce_mean({"n": torch.tensor(float(gt_masks.shape[0]), device=device)})["n"]
+        num_masks = max(float(count), 1.0)
         mode, targets_hl = self.fixed_map.mode, self.fixed_map.targets
 
         query_w = None  # per matched query, (M,)
