@@ -85,6 +85,9 @@ def check_config(cfg) -> None:
             raise ConfigError(f"{key}={value!r} is not valid; expected a number >= 0")
     if cfg.hl.scope == "group" and cfg.hl.group_size < 1:
         raise ConfigError(f"hl.group_size={cfg.hl.group_size!r} is not valid; expected an integer >= 1")
+    divisor = cfg.eval.get("size_divisor")
+    if divisor is not None and (isinstance(divisor, bool) or not isinstance(divisor, int) or divisor < 1):
+        raise ConfigError(f"eval.size_divisor={divisor!r} is not valid; expected null or an integer >= 1")
     for where, proto in (("eval", cfg.eval), ("eval.during", cfg.eval.during or {"mode": "whole"})):
         if proto["mode"] not in EVAL_MODES:
             raise ConfigError(f"{where}.mode={proto['mode']!r} is not valid; expected one of {', '.join(EVAL_MODES)}")

@@ -77,7 +77,8 @@ def test_unknown_key_rejected(hydra_ctx):
 
 
 @pytest.mark.parametrize("override,key", [("hl.scope=pixel", "hl.scope"), ("train.iters=0", "train.iters"),
-                                          ("optim.name=rmsprop", "optim.name"), ("eval.mode=slide", "eval.mode")])
+                                          ("optim.name=rmsprop", "optim.name"), ("eval.mode=slide", "eval.mode"),
+                                          ("eval.size_divisor=0", "eval.size_divisor")])
 def test_bad_value_names_the_key(hydra_ctx, override, key):
     cfg = compose([override])
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -107,3 +107,32 @@ def test_center_protocol_scores_the_central_crop_only():
     assert scored["metrics"]["IoU.b"] == 1.0 and scored["metrics"]["aAcc"] == 1.0
     whole = evaluate(_ConstantModel(), data, EVAL, DATA, torch.device("cpu"), Images.classes)
     assert whole["metrics"]["aAcc"] == pytest.approx(24 / 1024)
+
+
+class _PaddingSeer(torch.nn.Module):
+    """Predicts class 2 where the input is exactly 0 (the padding), class 1 elsewhere; records the input sizes."""
+
+    num_classes, align_corners, hl_head = 3, False, None
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def predict(self, img, **kw):
+        self.sizes.append(tuple(img.shape[-2:]))
+        pad = (img == 0).all(1)
+        return torch.stack([torch.zeros_like(pad), ~pad, pad], 1).float()
+
+
+def test_size_divisor_pads_the_input_and_scores_the_image_only():
+    # mmseg 1.x's data preprocessor with test_cfg size_divisor: pad bottom/right to a multiple, crop the logits back
+    data = Images(with_mask=False)
+    for item in data.items:
+        item["img"] = item["img"][:, :29, :27] + 0.1  # no pixel is 0: only the padding is
+        item["label"] = torch.ones(29, 27, dtype=torch.long)
+    model = _PaddingSeer()
+    scored = evaluate(model, data, OmegaConf.merge(EVAL, {"size_divisor": 16}), DATA, torch.device("cpu"),
+                      Images.classes)
+    assert set(model.sizes) == {(32, 32)} and scored["metrics"]["aAcc"] == 1.0  # the padding's class 2 never counts
+    assert evaluate(model, data, EVAL, DATA, torch.device("cpu"), Images.classes)["metrics"]["aAcc"] == 1.0
+    assert model.sizes[-1] == (29, 27)

@@ -24,6 +24,14 @@ _AUROC_PIXELS_PER_IMAGE = 4096
 EVAL_MODES = ("whole", "slide", "slide_truncated", "center")
 
 
+
+def pad_to_multiple(img: torch.Tensor, divisor: int | None) -> torch.Tensor:
+    """img padded bottom/right with 0 (the mean colour once normalised) to a multiple of `divisor` on each side."""
+    if not divisor:
+        return img
+    h, w = img.shape[-2:]
+    return torch.nn.functional.pad(img, (0, -w % divisor, 0, -h % divisor))
+
 def protocol_of(eval_cfg) -> dict:
     """The parts of the eval config that define the numbers, recorded next to every result."""
     proto = {"mode": eval_cfg["mode"]}
@@ -103,8 +111,10 @@ def _evaluate(model, dataset, eval_cfg, data_cfg, device: torch.device, class_na
                 batch = center_crop(batch, eval_cfg.crop)
             img = normalize_batch(batch["img"].to(device), data_cfg.mean, data_cfg.std)
             label = batch["label"].to(device)
-            logits = model.predict(img, mode="whole" if eval_cfg.mode == "center" else eval_cfg.mode,
+            logits = model.predict(pad_to_multiple(img, eval_cfg.get("size_divisor")),
+                                   mode="whole" if eval_cfg.mode == "center" else eval_cfg.mode,
                                    crop=eval_cfg.crop, stride=eval_cfg.stride, window_batch=eval_cfg.window_batch)
+            logits = logits[..., :img.shape[-2], :img.shape[-1]]  # the padding's logits go
             logits = resize(logits.float(), label.shape[-2:], model.align_corners)
             pred = logits.argmax(1)
             cm.update(pred, label)
