@@ -15,6 +15,13 @@ from omegaconf import OmegaConf, open_dict
 from hlbench.compose import compose, hydra_context
 
 
+# One intra-op thread per xdist worker (`make test` runs `-n auto`): each worker is a process, and their OpenMP pools
+# together would oversubscribe the cores, which makes CPU training several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 # Small enough for seconds per run on 2 cores, large enough to exercise every code path.
